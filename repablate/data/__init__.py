@@ -1,0 +1,1 @@
+"""repablate.data -- LightningDataModules; every default works offline."""

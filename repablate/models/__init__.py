@@ -1,0 +1,1 @@
+"""repablate.models -- networks whose 3x3 convs are swappable blocks from repablate.nn."""

@@ -1,0 +1,1 @@
+"""repablate.train -- the Lightning module, callbacks and the Hydra entry point."""
