@@ -152,7 +152,9 @@ def test_reparameterize_inplace_and_idempotent(trained_custom):
     assert same is trained_custom and is_deployed(trained_custom)
     state = {k: v.clone() for k, v in trained_custom.state_dict().items()}
     again = reparameterize(trained_custom, inplace=True)
-    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items()) and set(state) == set(again.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items()) and set(state) == set(
+        again.state_dict()
+    )
     torch.testing.assert_close(again(x), reference, atol=1e-4, rtol=1e-4)
 
 

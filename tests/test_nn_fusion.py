@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from repablate.nn import RepConv, equivalence_error, reparameterize
-from repablate.nn import fusion
+from repablate.nn import RepConv, equivalence_error, fusion, reparameterize
 
 TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
@@ -50,7 +49,14 @@ def repconv_configs(draw):
     identity_possible = c1 == c2 and s == 1
     use_identity = draw(st.booleans()) if identity_possible else draw(st.sampled_from([None, False]))
     return dict(
-        c1=c1, c2=c2, k=k, s=s, g=groups, d=d, use_identity=use_identity, use_1x1=draw(st.booleans()),
+        c1=c1,
+        c2=c2,
+        k=k,
+        s=s,
+        g=groups,
+        d=d,
+        use_identity=use_identity,
+        use_1x1=draw(st.booleans()),
         act=draw(st.sampled_from([True, False])),
     )
 
@@ -63,8 +69,12 @@ def fused_pair(config: dict, dtype: torch.dtype, seed: int) -> tuple[nn.Module, 
 
 
 @settings(max_examples=80, deadline=None)
-@given(config=repconv_configs(), seed=st.integers(0, 2**16), size=st.integers(5, 13),
-       dtype=st.sampled_from([torch.float32, torch.float64]))
+@given(
+    config=repconv_configs(),
+    seed=st.integers(0, 2**16),
+    size=st.integers(5, 13),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
 def test_fused_repconv_equals_branches(config, seed, size, dtype):
     block, deployed = fused_pair(config, dtype, seed)
     x = torch.randn(2, config["c1"], size, size + 1, dtype=dtype, generator=torch.Generator().manual_seed(seed))

@@ -52,7 +52,7 @@ class _FormCheck:
     _deploy_keys: tuple[str, ...]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        given = [key[len(prefix):] for key in state_dict if key.startswith(prefix)]
+        given = [key[len(prefix) :] for key in state_dict if key.startswith(prefix)]
         where = prefix.rstrip(".") or "<root>"
         if self.deploy and any(key.startswith(self._train_keys) for key in given):  # type: ignore[attr-defined]
             raise RuntimeError(
@@ -254,8 +254,14 @@ class Conv(_FormCheck, nn.Module):
         kernel, bias = fusion.fold_batch_norm(weight.to(dtype), self.bn)
         old = self.conv
         self.conv = nn.Conv2d(
-            old.in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-            dilation=old.dilation, groups=old.groups, bias=True,
+            old.in_channels,
+            old.out_channels,
+            old.kernel_size,
+            old.stride,
+            old.padding,
+            dilation=old.dilation,
+            groups=old.groups,
+            bias=True,
         ).to(device=weight.device, dtype=weight.dtype)
         self.conv.weight.copy_(kernel)
         self.conv.bias.copy_(bias)

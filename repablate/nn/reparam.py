@@ -80,7 +80,7 @@ def equivalence_error(train_model: nn.Module, deploy_model: nn.Module, inputs: A
     if len(expected) != len(actual) or not expected:
         raise ValueError(f"the models return different structures: {len(expected)} vs {len(actual)} tensors")
     max_abs, scale = 0.0, 0.0
-    for a, b in zip(expected, actual):
+    for a, b in zip(expected, actual, strict=True):
         if a.shape != b.shape:
             raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
         a64, b64 = a.double(), b.double()
@@ -110,8 +110,12 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) ->
             if wrong_form
             else ""
         )
-        raise RuntimeError(f"state_dict does not match the model: {hint}missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"state_dict does not match the model: {hint}missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise RuntimeError(f"state_dict '{key}' has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}")
+            raise RuntimeError(
+                f"state_dict '{key}' has shape {tuple(tensor.shape)}, the model {tuple(expected[key].shape)}"
+            )
     model.load_state_dict(state_dict, strict=True)
