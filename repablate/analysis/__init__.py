@@ -1,1 +1,64 @@
-"""repablate.analysis -- ablation tables and figures from results files; never imports training code."""
+"""repablate.analysis -- ablation tables and figures from results files; never imports training code.
+
+    runs = collect_runs("multirun/article")            # or collect_wandb("entity/project", group="article")
+    table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns
+    print(to_markdown(table, runs))                     # failed or missing jobs listed under the table
+    write_report(runs, "out/", baseline="plain")        # table.{md,tex,csv}, runs.csv, failures.csv, figures/
+"""
+
+from repablate.analysis.collect import (
+    collect_runs,
+    collect_wandb,
+    completed,
+    failures,
+    find_run_dirs,
+    load_branch_gradients,
+    read_run,
+    tidy,
+)
+from repablate.analysis.figures import accuracy_vs_latency, branch_gradient_shares, forms_comparison, save_figure
+from repablate.analysis.report import Report, write_report
+from repablate.analysis.stats import Comparison, Summary, compare, summarize
+from repablate.analysis.tables import (
+    DEFAULT_METRICS,
+    ablation_table,
+    default_metrics,
+    export_table,
+    flat_columns,
+    format_deltas,
+    format_table,
+    to_latex,
+    to_markdown,
+)
+from repablate.analysis.wandb_log import log_analysis
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "Comparison",
+    "Report",
+    "Summary",
+    "ablation_table",
+    "accuracy_vs_latency",
+    "branch_gradient_shares",
+    "collect_runs",
+    "collect_wandb",
+    "compare",
+    "completed",
+    "default_metrics",
+    "export_table",
+    "failures",
+    "find_run_dirs",
+    "flat_columns",
+    "format_deltas",
+    "format_table",
+    "forms_comparison",
+    "load_branch_gradients",
+    "log_analysis",
+    "read_run",
+    "save_figure",
+    "summarize",
+    "tidy",
+    "to_latex",
+    "to_markdown",
+    "write_report",
+]

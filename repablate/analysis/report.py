@@ -1,0 +1,58 @@
+"""One call from collected runs to every table and figure of a sweep, written into one directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from repablate.analysis import figures as fig
+from repablate.analysis.collect import completed, failures, load_branch_gradients
+from repablate.analysis.tables import ablation_table, export_table
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` produced: the numeric table, the files, and figures skipped (with why)."""
+
+    table: pd.DataFrame
+    files: dict[str, Path] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def write_report(
+    runs: pd.DataFrame,
+    out_dir: str | Path,
+    by: Sequence[str] = ("variant",),
+    baseline: str | None = None,
+    metrics: Sequence[str] | None = None,
+    confidence: float = 0.95,
+    figure_format: str = "png",
+    draw_figures: bool = True,
+) -> Report:
+    """Build the ablation table from ``runs`` and write it (md, tex, csv), ``runs.csv``, ``failures.csv`` and
+    the figures into ``out_dir``. A figure whose data the runs lack is skipped and named in ``skipped``."""
+    if completed(runs).empty:
+        shown = failures(runs)[["run_dir", "error"]].to_string(index=False)
+        raise ValueError(f"no completed run to tabulate; {len(runs)} failed or missing:\n{shown}")
+    out_dir = Path(out_dir)
+    table = ablation_table(runs, metrics=metrics, by=by, baseline=baseline, confidence=confidence)
+    report = Report(table=table, files=export_table(table, out_dir, runs=runs))
+    if not draw_figures:
+        return report
+    group = by[0]
+    drawers = {
+        "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(runs, by=group),
+        "forms_flops_latency": lambda: fig.forms_comparison(runs, by=group),
+        "branch_gradients": lambda: fig.branch_gradient_shares(load_branch_gradients(runs, keys=by), by=group),
+    }
+    for name, draw in drawers.items():
+        try:
+            figure = draw()
+        except ValueError as err:  # the runs lack this figure's data: say so, keep the rest
+            report.skipped[name] = str(err)
+            continue
+        report.files[name] = fig.save_figure(figure, out_dir / "figures" / f"{name}.{figure_format}")
+    return report

@@ -1,0 +1,200 @@
+"""Ablation tables: rows by variant (or any config keys), columns by metric, with the statistics a reviewer
+asks for, and their export to markdown, LaTeX and CSV."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from repablate.analysis._io import write_text_atomic
+from repablate.analysis.collect import completed, failures
+from repablate.analysis.stats import compare, summarize
+
+# Metrics shown when none are named, in this order, where the runs have them (classification, then detection).
+DEFAULT_METRICS = (
+    "deploy_form/test/acc",
+    "deploy_form/val/acc",
+    "deploy_form/test/map50",
+    "deploy_form/test/map",
+    "deploy_form/val/map50",
+    "deploy_form/val/map",
+    "equivalence/max_abs",
+    "train_form/latency_ms",
+    "deploy_form/latency_ms",
+    "deploy_form/params",
+    "deploy_form/flops",
+)
+SUMMARY_STATS = ("n", "mean", "std", "ci_low", "ci_high")
+COMPARISON_STATS = ("delta", "delta_ci_low", "delta_ci_high", "p_value")
+
+
+def default_metrics(runs: pd.DataFrame) -> list[str]:
+    """The :data:`DEFAULT_METRICS` that at least one completed run reports."""
+    done = completed(runs)
+    return [m for m in DEFAULT_METRICS if m in done and pd.to_numeric(done[m], errors="coerce").notna().any()]
+
+
+def _check_columns(runs: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    unknown = [c for c in columns if c not in runs]
+    if unknown:
+        known = ", ".join(sorted(map(str, runs.columns)))
+        raise ValueError(f"unknown {what} {unknown}; the runs have these columns: {known}")
+
+
+def _text(value: object) -> str:
+    # A seed read as float (its column had a gap) still reads "1", not "1.0".
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _label(key: object) -> str:
+    return ",".join(map(_text, key)) if isinstance(key, tuple) else _text(key)
+
+
+def ablation_table(
+    runs: pd.DataFrame,
+    metrics: Sequence[str] | None = None,
+    by: Sequence[str] = ("variant",),
+    baseline: str | None = None,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """Statistics of each metric per group of completed runs.
+
+    Rows: one per value of ``by`` (several keys give a MultiIndex). Columns: a MultiIndex (metric, statistic)
+    with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
+    row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high (Welch interval of the
+    difference of means) and p_value (Welch's t-test against the baseline). The baseline row comes first.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
+    by = list(by)
+    if not by:
+        raise ValueError("by must name at least one column to group runs by, e.g. ['variant']")
+    metrics = list(metrics) if metrics is not None else default_metrics(runs)
+    _check_columns(runs, by, "grouping columns")
+    _check_columns(runs, metrics, "metrics")
+    done = completed(runs)
+    values = done[metrics].apply(pd.to_numeric, errors="coerce")
+    groups = {_label(key): rows.index for key, rows in values.groupby([done[c] for c in by], dropna=False, sort=True)}
+    if baseline is not None and baseline not in groups:
+        raise ValueError(f"baseline {baseline!r} is not a group of {by}; the groups are: {', '.join(groups)}")
+    order = [baseline] * (baseline is not None) + [g for g in groups if g != baseline]
+    rows = {}
+    for label in order:
+        row = {}
+        for metric in metrics:
+            column = values.loc[groups[label], metric]
+            summary = summarize(column, confidence)
+            row.update({(metric, stat): getattr(summary, stat) for stat in SUMMARY_STATS})
+            if baseline is not None:
+                comparison = compare(column, values.loc[groups[baseline], metric], confidence)
+                row.update(zip([(metric, s) for s in COMPARISON_STATS], vars(comparison).values(), strict=True))
+        rows[label] = row
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "stat"])
+    table.index.name = ",".join(by)
+    table.attrs.update(baseline=baseline, confidence=confidence, by=by)
+    return table
+
+
+def _num(x: float, sign: bool = False) -> str:
+    """Four significant figures; k and M for counts such as parameters and FLOPs; an en dash for "undefined"."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    plus = "+" if sign else ""
+    for threshold, scale, suffix in ((1e9, 1e9, "G"), (1e6, 1e6, "M"), (1e4, 1e3, "k")):
+        if abs(x) >= threshold:
+            return f"{x / scale:{plus}.4g}{suffix}"
+    return f"{x:{plus}.4g}"
+
+
+def _metrics(table: pd.DataFrame) -> list[str]:
+    return list(table.columns.get_level_values("metric").unique())
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as text for people: a column "n" (completed runs per row), then one column per metric with
+    "mean ± std [confidence interval of the mean]"; a metric with fewer values than n says so ("n=2")."""
+    n_runs = table.xs("n", axis=1, level="stat").max(axis=1).astype(int)
+    out = pd.DataFrame({"n": n_runs.astype(str)}, index=table.index)
+    for metric in _metrics(table):
+        t = table[metric]
+        out[metric] = [
+            f"{_num(m)} ± {_num(s)} [{_num(lo)}, {_num(hi)}]" + (f" (n={int(k)})" if k != n else "")
+            for m, s, lo, hi, k, n in zip(t["mean"], t["std"], t["ci_low"], t["ci_high"], t["n"], n_runs, strict=True)
+        ]
+    return out
+
+
+def format_deltas(table: pd.DataFrame) -> pd.DataFrame | None:
+    """Each row against the baseline as text, one column per metric: "Δ [interval of Δ] p=…" (Welch);
+    None when the table has no baseline."""
+    if table.attrs.get("baseline") is None:
+        return None
+    out = pd.DataFrame(index=table.index)
+    for metric in _metrics(table):
+        t = table[metric]
+        out[metric] = [
+            "(baseline)" if label == table.attrs["baseline"] else f"{_num(d, True)} [{_num(lo, True)}, {_num(hi, True)}] p={_num(p)}"
+            for label, d, lo, hi, p in zip(t.index, t["delta"], t["delta_ci_low"], t["delta_ci_high"], t["p_value"], strict=True)
+        ]
+    return out
+
+
+def _headings(table: pd.DataFrame) -> tuple[str, str]:
+    level = f"{table.attrs.get('confidence', 0.95):.0%}"
+    return (f"Mean ± std [{level} confidence interval of the mean], completed runs",
+            f"Difference from {table.attrs.get('baseline')} [{level} interval of the difference], Welch's t-test p")
+
+
+def flat_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The numeric table with its (metric, stat) columns joined as "<metric> <stat>", for CSV."""
+    flat = table.copy()
+    flat.columns = [f"{metric} {stat}" for metric, stat in table.columns]
+    return flat
+
+
+def _failure_lines(runs: pd.DataFrame) -> pd.DataFrame:
+    failed = failures(runs).copy()
+    # The last line of a traceback is the exception itself: enough for a table, the full text is in runs.csv.
+    failed["error"] = [str(e).strip().splitlines()[-1][:300] if isinstance(e, str) and e.strip() else "" for e in failed["error"]]
+    return failed
+
+
+def to_markdown(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
+    """Markdown: the formatted table, the differences from the baseline (if any), then the failed or missing
+    jobs when ``runs`` has any."""
+    means, deltas = _headings(table)
+    text = f"**{means}**\n\n{format_table(table).to_markdown()}\n"
+    if (formatted := format_deltas(table)) is not None:
+        text += f"\n**{deltas}**\n\n{formatted.to_markdown()}\n"
+    if runs is not None and len(failures(runs)):
+        text += f"\n**Failed or missing jobs ({len(failures(runs))})**\n\n"
+        text += _failure_lines(runs).to_markdown(index=False) + "\n"
+    return text
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """LaTeX: the formatted table and, with a baseline, the differences, as tabulars (text escaped)."""
+    parts = [format_table(table).to_latex(escape=True)]
+    if (formatted := format_deltas(table)) is not None:
+        parts.append(formatted.to_latex(escape=True))
+    latex = "\n".join(parts)
+    return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
+
+
+def export_table(table: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | None = None, stem: str = "table") -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv`` (numeric) into ``out_dir``, atomically, and with
+    ``runs``, ``runs.csv`` (every run, errors in full) and ``failures.csv``. Returns the paths by kind."""
+    out_dir = Path(out_dir)
+    paths = {
+        "markdown": write_text_atomic(out_dir / f"{stem}.md", to_markdown(table, runs)),
+        "latex": write_text_atomic(out_dir / f"{stem}.tex", to_latex(table)),
+        "csv": write_text_atomic(out_dir / f"{stem}.csv", flat_columns(table).to_csv()),
+    }
+    if runs is not None:
+        paths["runs"] = write_text_atomic(out_dir / "runs.csv", runs.to_csv(index=False))
+        paths["failures"] = write_text_atomic(out_dir / "failures.csv", failures(runs).to_csv(index=False))
+    return paths

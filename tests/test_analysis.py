@@ -1,0 +1,287 @@
+"""repablate.analysis on synthetic sweeps: collection, statistics against scipy, tables, exports, figures, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from repablate.analysis import (
+    ablation_table,
+    accuracy_vs_latency,
+    branch_gradient_shares,
+    collect_runs,
+    collect_wandb,
+    compare,
+    export_table,
+    failures,
+    forms_comparison,
+    load_branch_gradients,
+    save_figure,
+    summarize,
+    to_latex,
+    to_markdown,
+    write_report,
+)
+from repablate.analysis._io import write_text_atomic
+from repablate.analysis.synthetic import write_synthetic_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+ACC = "deploy_form/test/acc"
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-m", "repablate.analysis", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    return write_synthetic_sweep(tmp_path_factory.mktemp("sweep"), variants=("plain", "repconv_n", "repconv"),
+                                 seeds=(0, 1, 2), failed=1, missing=1)
+
+
+def results_files(sweep_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("results.json"))]
+
+
+# --- statistics against scipy and textbook numbers -------------------------------------------------------------
+
+def test_summary_on_known_numbers():
+    s = summarize([1.0, 2.0, 3.0, 4.0])
+    # mean 2.5, s = sqrt(5/3), t(0.975, df=3) = 3.182446 (tables); half width = t * s / sqrt(4)
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2
+    assert (s.n, s.mean) == (4, 2.5)
+    assert s.std == pytest.approx(math.sqrt(5 / 3), rel=1e-12)
+    assert (s.ci_low, s.ci_high) == pytest.approx((2.5 - half, 2.5 + half), rel=1e-9)
+
+
+def test_welch_on_known_numbers():
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 5.0, 6.0]
+    c = compare(b, a)
+    ref = sps.ttest_ind(b, a, equal_var=False)
+    # Welch-Satterthwaite by hand: var 5/3 and 10/3 over n=4 each -> t = 1.5 / sqrt(1.25), df = 5.4
+    t = 1.5 / math.sqrt(1.25)
+    assert c.delta == pytest.approx(1.5)
+    assert c.p_value == pytest.approx(2 * sps.t.sf(t, 5.4), rel=1e-9)
+    assert c.p_value == pytest.approx(ref.pvalue, rel=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx(tuple(ref.confidence_interval(0.95)), rel=1e-12)
+
+
+finite = st.floats(-1e3, 1e3, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite, min_size=2, max_size=12), st.lists(finite, min_size=2, max_size=12),
+       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+def test_statistics_match_scipy(x, y, confidence):
+    """Against scipy directly, relative tolerance 1e-9 (absolute 1e-9 near zero)."""
+    s = summarize(x, confidence)
+    assert s.n == len(x) and s.mean == pytest.approx(np.mean(x), rel=1e-9, abs=1e-9)
+    if np.std(x) > 1e-6:
+        low, high = sps.t.interval(confidence, len(x) - 1, loc=np.mean(x), scale=sps.sem(x))
+        assert (s.ci_low, s.ci_high) == pytest.approx((low, high), rel=1e-9, abs=1e-9)
+        assert s.ci_low <= s.mean <= s.ci_high
+    c = compare(x, y, confidence)
+    assert c.delta == pytest.approx(np.mean(x) - np.mean(y), rel=1e-9, abs=1e-9)
+    if np.std(x) > 1e-6 and np.std(y) > 1e-6:
+        ref = sps.ttest_ind(x, y, equal_var=False)
+        assert c.p_value == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-12)
+        swapped = compare(y, x, confidence)  # the test is symmetric; the interval flips sign
+        assert swapped.p_value == pytest.approx(c.p_value, rel=1e-9, abs=1e-12)
+        assert swapped.ci_low == pytest.approx(-c.ci_high, rel=1e-9, abs=1e-9)
+
+
+def test_statistics_undefined_cases_are_nan():
+    assert summarize([]).n == 0 and math.isnan(summarize([]).mean)
+    one = summarize([3.0, float("nan")])
+    assert one.n == 1 and one.mean == 3.0 and math.isnan(one.std) and math.isnan(one.ci_low)
+    flat = summarize([2.0, 2.0, 2.0])
+    assert (flat.std, flat.ci_low, flat.ci_high) == (0.0, 2.0, 2.0)
+    assert math.isnan(compare([1.0], [1.0, 2.0]).p_value)
+
+
+# --- collection --------------------------------------------------------------------------------------------------
+
+def test_collect_reports_failed_and_missing_jobs(sweep):
+    runs = collect_runs(sweep)
+    assert len(runs) == 3 * 3 + 2
+    failed = failures(runs).set_index("status")
+    assert set(failed.index) == {"failed", "missing"}
+    assert "synthetic failure" in failed.loc["failed", "error"]
+    assert "no results.json" in failed.loc["missing", "error"]
+    assert failed.loc["missing", "variant"] == "plain"  # read back from the job's Hydra overrides
+
+
+def test_collect_is_tolerant(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(
+        {"status": "completed", "variant": "x", "seed": 0, "new/key": 1.5, "grad/warnings": ["w1"], "error": None}))
+    (tmp_path / "b" / ".hydra").mkdir(parents=True)
+    (tmp_path / "b" / "results.json").write_text("{not json")
+    runs = collect_runs(tmp_path).set_index("status")
+    assert runs.loc["completed", "new/key"] == 1.5  # unknown keys pass through
+    assert runs.loc["completed", "grad/warnings"] == '["w1"]'  # lists become text, so any column groups
+    assert "unreadable results.json" in runs.loc["missing", "error"]
+    with pytest.raises(ValueError, match="deploy_form/test/acc"):  # a missing metric is named, not guessed
+        ablation_table(runs.reset_index(), metrics=[ACC])
+
+
+def test_collect_rejects_empty_or_absent_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no runs"):
+        collect_runs(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        collect_runs(tmp_path / "nope")
+
+
+def test_wandb_runs_give_the_same_columns(sweep):
+    local = collect_runs(sweep)
+    done = local[local["status"] == "completed"]
+    fake_runs = []
+    for record in results_files(sweep):
+        summary = {k: v for k, v in record.items() if not k.startswith("config/")}
+        config = {"optimizer": {"lr": record["config/optimizer/lr"]}, "trainer": {"max_epochs": 3}, "seed": record["seed"]}
+        state = "finished" if record["status"] == "completed" else "failed"
+        fake_runs.append(SimpleNamespace(summary=summary, config=config, state=state, path=["me", "proj", str(len(fake_runs))]))
+    api = SimpleNamespace(runs=lambda path, filters=None: fake_runs if path == "me/proj" else [])
+    remote = collect_wandb("me/proj", group="article", api=api)
+    assert set(done.columns) - {"overrides"} <= set(remote.columns)
+    table_local = ablation_table(local, metrics=[ACC], baseline="plain")
+    table_remote = ablation_table(remote, metrics=[ACC], baseline="plain")
+    pd.testing.assert_frame_equal(table_local, table_remote)
+    with pytest.raises(LookupError, match="other/proj"):
+        collect_wandb("other/proj", api=api)
+
+
+# --- tables ------------------------------------------------------------------------------------------------------
+
+def test_table_values_equal_the_run_files(sweep):
+    table = ablation_table(collect_runs(sweep), metrics=[ACC, "deploy_form/latency_ms"], baseline="plain")
+    records = [r for r in results_files(sweep) if r["status"] == "completed"]
+    assert list(table.index) == ["plain", "repconv", "repconv_n"]  # baseline first
+    for variant in table.index:
+        for metric in (ACC, "deploy_form/latency_ms"):
+            values = [r[metric] for r in records if r["variant"] == variant]
+            base = [r[metric] for r in records if r["variant"] == "plain"]
+            row = table.loc[variant, metric]
+            assert row["n"] == len(values) == 3
+            assert row["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+            assert row["std"] == pytest.approx(np.std(values, ddof=1), rel=1e-12)
+            assert row["delta"] == pytest.approx(np.mean(values) - np.mean(base), abs=1e-12)
+            if variant != "plain":
+                assert row["p_value"] == pytest.approx(sps.ttest_ind(values, base, equal_var=False).pvalue, rel=1e-9)
+
+
+def test_table_groups_by_any_config_keys(sweep):
+    runs = collect_runs(sweep)
+    table = ablation_table(runs, metrics=[ACC], by=["variant", "seed"], baseline="plain,0")
+    assert table.index[0] == "plain,0" and len(table) == 9 and (table[(ACC, "n")] == 1).all()
+    by_lr = ablation_table(runs, metrics=[ACC], by=["config/optimizer/lr"])
+    assert by_lr[(ACC, "n")].tolist() == [9]
+
+
+def test_table_rejects_bad_arguments(sweep):
+    runs = collect_runs(sweep)
+    with pytest.raises(ValueError, match=r"baseline 'resnet'.*plain, repconv, repconv_n"):
+        ablation_table(runs, baseline="resnet")
+    with pytest.raises(ValueError, match="confidence must be strictly between 0 and 1, got 95"):
+        ablation_table(runs, confidence=95)
+    with pytest.raises(ValueError, match=r"unknown grouping columns \['optimiser'\]"):
+        ablation_table(runs, by=["optimiser"])
+
+
+def test_exports_show_the_numbers_and_the_failures(sweep, tmp_path):
+    runs = collect_runs(sweep)
+    table = ablation_table(runs, metrics=[ACC], baseline="plain")
+    paths = export_table(table, tmp_path, runs=runs)
+    markdown = paths["markdown"].read_text()
+    assert markdown == to_markdown(table, runs)
+    mean, std = table.loc["repconv", (ACC, "mean")], table.loc["repconv", (ACC, "std")]
+    assert f"{mean:.4g} ± {std:.4g}" in markdown
+    assert "Failed or missing jobs (2)" in markdown and "ValueError: synthetic failure" in markdown
+    assert r"$\pm$" in to_latex(table) and "deploy\\_form/test/acc" in paths["latex"].read_text()
+    numeric = pd.read_csv(paths["csv"], index_col=0)
+    assert numeric.loc["repconv", f"{ACC} mean"] == pytest.approx(mean, rel=1e-12)
+    assert len(pd.read_csv(paths["failures"])) == 2 and len(pd.read_csv(paths["runs"])) == 11
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = write_text_atomic(tmp_path / "t.md", "old")
+
+    class Boom(Exception):
+        pass
+
+    def explode(_):
+        raise Boom
+
+    from repablate.analysis._io import write_atomic
+
+    with pytest.raises(Boom):
+        write_atomic(target, explode)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["t.md"]
+
+
+# --- figures -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_every_figure_renders_to_a_file(sweep, tmp_path, suffix, magic):
+    runs = collect_runs(sweep)
+    gradients = load_branch_gradients(runs)
+    assert set(gradients["branch"]) == {"dense", "1x1", "identity"} and gradients["variant"].notna().all()
+    for name, figure in {"acc": accuracy_vs_latency(runs), "forms": forms_comparison(runs),
+                         "grads": branch_gradient_shares(gradients)}.items():
+        path = save_figure(figure, tmp_path / f"{name}.{suffix}")
+        assert path.read_bytes().startswith(magic), name
+    axes = accuracy_vs_latency(runs).axes[0]
+    assert axes.get_ylabel() == ACC and len(axes.get_legend().get_texts()) == 3
+
+
+def test_report_skips_figures_whose_data_is_absent(tmp_path):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"status": "completed", "variant": "plain", "seed": 0, ACC: 0.5}))
+    report = write_report(collect_runs(tmp_path), tmp_path / "out")
+    assert report.table.loc["plain", (ACC, "n")] == 1
+    assert set(report.skipped) == {"accuracy_vs_latency", "forms_flops_latency", "branch_gradients"}
+
+
+# --- command line and layering -----------------------------------------------------------------------------------
+
+def test_cli_writes_tables_and_figures(sweep, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(str(sweep), "--baseline", "plain", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "9 completed, 2 failed or missing" in done.stdout and "synthetic failure" in done.stdout
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == {"table.md", "table.tex", "table.csv", "runs.csv", "failures.csv", "figures/accuracy_vs_latency.png",
+                     "figures/forms_flops_latency.png", "figures/branch_gradients.png"}
+
+
+def test_cli_bad_input_names_the_value(sweep, tmp_path):
+    bad = run_cli(str(sweep), "--baseline", "resnet", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "baseline 'resnet'" in bad.stderr and "plain" in bad.stderr
+    none = run_cli()
+    assert none.returncode == 2 and "either SWEEP_DIR or --from-wandb" in none.stderr
+    absent = run_cli(str(tmp_path / "nope"))
+    assert absent.returncode == 2 and "nope" in absent.stderr
+
+
+def test_analysis_never_imports_training_code():
+    code = ("import sys, repablate.analysis, repablate.analysis.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning') "
+            "or m.startswith(('repablate.train', 'repablate.models', 'repablate.data', 'repablate.bench'))))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
