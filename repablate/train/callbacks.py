@@ -1,0 +1,281 @@
+"""Callbacks that work for any LightningModule following the protocol in ``repablate.train.module``.
+
+BranchGradientMonitor watches every multi-branch block's gradients; DeployCheck fuses, proves, evaluates and
+measures the model at the end of fit; TrainThroughput and ConfigInCheckpoint feed results.json and checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from repablate.nn import equivalence_error, load_state_dict, reparameterize
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("step", "layer", "branch", "grad_norm", "share")
+
+
+class DeployMismatchError(RuntimeError):
+    """The deploy (fused) form does not compute what the training form computes."""
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model input of a batch: the batch itself if a tensor, else its first item ((inputs, targets, ...))."""
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class BranchGradientMonitor(Callback):
+    """Gradient norm of each branch of each multi-branch block (anything with a non-empty ``branches()``, e.g.
+    RepConv: dense, 1x1, identity), every ``every_n_steps`` optimizer steps, before gradient clipping.
+
+    A branch's norm is the 2-norm of all its parameters' gradients (conv weight and BN affine); its share is that
+    norm over the sum of the layer's branch norms. When a branch's share stays below ``threshold`` for
+    ``patience`` checks in a row, a warning is logged and counted (once per streak). Loggers get only the
+    aggregate per branch kind (``grad/share_mean/<branch>``, ``grad/share_min/<branch>``), which stays small
+    for deep models; every (step, layer, branch) row goes to ``csv_path``.
+    """
+
+    def __init__(self, every_n_steps: int = 10, threshold: float = 0.01, patience: int = 5,
+                 csv_path: str | os.PathLike | None = None):
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} is not allowed: it must be a positive integer")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold={threshold!r} is not allowed: it must be a share in [0, 1)")
+        if not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"patience={patience!r} is not allowed: it must be a positive integer")
+        self.every_n_steps, self.threshold, self.patience = every_n_steps, threshold, patience
+        self.csv_path = Path(csv_path) if csv_path is not None else None
+        self.warnings = 0
+        self._layers: list[tuple[str, dict[str, list[nn.Parameter]]]] = []
+        self._streaks: dict[tuple[str, str], int] = defaultdict(int)
+        self._rows: list[tuple] = []
+        self._share_sum: dict[str, float] = defaultdict(float)
+        self._share_count: dict[str, int] = defaultdict(int)
+        self._share_min: dict[str, float] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._layers = []
+        for name, module in pl_module.model.named_modules():
+            branches = module.branches() if callable(getattr(module, "branches", None)) else {}
+            if len(branches) > 1:  # one branch has a share of 1 by definition: nothing to watch
+                params = {b: [p for p in m.parameters() if p.requires_grad] for b, m in branches.items()}
+                self._layers.append((name, params))
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        step = trainer.global_step
+        if not self._layers or step % self.every_n_steps:
+            return
+        zero = torch.zeros((), device=pl_module.device)
+        norms = torch.stack([
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() if p.grad is not None else zero for p in params]))
+            for _, branches in self._layers for params in branches.values()
+        ]).tolist()  # one device sync for the whole model
+        aggregate: dict[str, list[float]] = defaultdict(list)
+        index = 0
+        for layer, branches in self._layers:
+            layer_norms = norms[index:index + len(branches)]
+            index += len(branches)
+            total = sum(layer_norms)
+            for branch, norm in zip(branches, layer_norms, strict=True):
+                share = norm / total if total > 0 else 0.0
+                self._rows.append((step, layer, branch, norm, share))
+                aggregate[branch].append(share)
+                self._track_streak(layer, branch, share, step)
+        metrics = {}
+        for branch, shares in aggregate.items():
+            metrics[f"grad/share_mean/{branch}"] = sum(shares) / len(shares)
+            metrics[f"grad/share_min/{branch}"] = min(shares)
+            self._share_sum[branch] += sum(shares)
+            self._share_count[branch] += len(shares)
+            self._share_min[branch] = min(self._share_min.get(branch, 1.0), min(shares))
+        metrics["grad/warnings"] = self.warnings
+        _log_to_loggers(trainer, metrics)
+
+    def _track_streak(self, layer: str, branch: str, share: float, step: int) -> None:
+        key = (layer, branch)
+        self._streaks[key] = self._streaks[key] + 1 if share < self.threshold else 0
+        if self._streaks[key] == self.patience:
+            self.warnings += 1
+            log.warning(
+                "branch '%s' of layer '%s' is starved: its share of the layer's gradient norm stayed below %g for "
+                "%d checks in a row (now %.2e, step %d)", branch, layer, self.threshold, self.patience, share, step,
+            )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        if self.csv_path is None or (not self._rows and self.csv_path.exists()):
+            return
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(CSV_COLUMNS)
+            writer.writerows(self._rows)
+        self._rows = []
+
+    def summary(self) -> dict[str, float]:
+        """``grad/warnings`` and, per branch kind, the mean and min share over every check and layer."""
+        result: dict[str, float] = {"grad/warnings": self.warnings}
+        for branch, count in self._share_count.items():
+            result[f"grad/share_mean/{branch}"] = self._share_sum[branch] / count
+            result[f"grad/share_min/{branch}"] = self._share_min[branch]
+        return result
+
+
+def save_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+class DeployCheck(Callback):
+    """At the end of fit: fuse a copy of ``pl_module.model`` and prove it is the same function.
+
+    1. equivalence error (training vs deploy form, both in eval mode) on ``equivalence_batches`` validation
+       batches; above ``max_rel_error`` the run fails;
+    2. ``pl_module.evaluate`` of both forms on the validation and test loaders; a metric differing by more than
+       ``metric_atol`` fails the run (float noise may flip near-tie predictions, nothing more);
+    3. ``repablate.bench.measure_forms`` of both forms on ``example_input(measure_batch_size)``, with ``bench``
+       as its keyword arguments;
+    4. ``checkpoint_path`` (deploy.pt): ``{"state_dict", "config", "deploy": True}``, verified by loading it
+       into ``instantiate(config["model"], deploy=True)`` and comparing outputs.
+
+    ``run_config`` (the resolved run config, a plain dict) is set by the entry point; without it step 4 saves
+    no config and skips the verification. Results are in ``self.results`` (flat, results.json's keys).
+    """
+
+    def __init__(self, checkpoint_path: str | os.PathLike, equivalence_batches: int = 4,
+                 max_rel_error: float = 1e-4, metric_atol: float = 0.005, measure_batch_size: int = 32,
+                 bench: dict[str, Any] | None = None):
+        if not isinstance(equivalence_batches, int) or equivalence_batches < 1:
+            raise ValueError(f"equivalence_batches={equivalence_batches!r} is not allowed: it must be >= 1")
+        self.checkpoint_path = Path(checkpoint_path)
+        self.equivalence_batches, self.max_rel_error, self.metric_atol = equivalence_batches, max_rel_error, metric_atol
+        self.measure_batch_size = measure_batch_size
+        self.bench = dict(bench or {})
+        self.run_config: dict[str, Any] | None = None
+        self.results: dict[str, Any] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        deployed = reparameterize(model)
+        datamodule = trainer.datamodule
+        self.results = self._equivalence(model, deployed, datamodule.val_dataloader(), pl_module.device)
+        loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
+        for split, loader in loaders.items():
+            self._compare_metrics(split, pl_module.evaluate(model, loader), pl_module.evaluate(deployed, loader))
+        from repablate.bench import measure_forms  # measurement is costly to import; only needed here
+
+        report = measure_forms(model, deployed, pl_module.example_input(self.measure_batch_size), **self.bench)
+        self.results.update(report.as_dict())
+        self._save_deploy_checkpoint(deployed, pl_module.example_input(2))
+        _log_to_loggers(trainer, _scalars(self.results))
+
+    def _equivalence(self, model: nn.Module, deployed: nn.Module, loader, device) -> dict[str, Any]:
+        max_abs = max_rel = 0.0
+        for batch in islice(loader, self.equivalence_batches):
+            error = equivalence_error(model, deployed, batch_inputs(batch).to(device))
+            max_abs, max_rel = max(max_abs, error.max_abs), max(max_rel, error.max_rel)
+        if not max_rel <= self.max_rel_error:
+            raise DeployMismatchError(
+                f"the fused model differs from the trained one by max_rel={max_rel:.3e} (max_abs={max_abs:.3e}) on "
+                f"validation batches, above the float-noise bound max_rel_error={self.max_rel_error:g}"
+            )
+        return {"equivalence/max_abs": max_abs, "equivalence/max_rel": max_rel}
+
+    def _compare_metrics(self, split: str, trained: dict[str, float], fused: dict[str, float]) -> None:
+        for name, value in trained.items():
+            self.results[f"train_form/{split}/{name}"] = value
+            self.results[f"deploy_form/{split}/{name}"] = fused[name]
+            if not abs(value - fused[name]) <= self.metric_atol:
+                raise DeployMismatchError(
+                    f"{split} {name} of the fused model is {fused[name]:.6f}, the trained model's {value:.6f}: "
+                    f"they differ by more than float noise (metric_atol={self.metric_atol:g})"
+                )
+
+    def _save_deploy_checkpoint(self, deployed: nn.Module, example: torch.Tensor) -> None:
+        save_atomically(
+            {"state_dict": deployed.state_dict(), "config": self.run_config, "deploy": True}, self.checkpoint_path
+        )
+        if self.run_config is None:
+            return
+        from hydra.utils import instantiate
+
+        rebuilt = instantiate(self.run_config["model"], deploy=True).to(example.device)
+        load_state_dict(rebuilt, torch.load(self.checkpoint_path, map_location=example.device)["state_dict"])
+        error = equivalence_error(deployed, rebuilt, example)
+        if error.max_abs != 0:
+            raise DeployMismatchError(
+                f"{self.checkpoint_path} loaded into a deploy=True model gives outputs {error.max_abs:.3e} away "
+                "from the fused model it was saved from"
+            )
+
+
+class TrainThroughput(Callback):
+    """Training images per second: images over the time from each train epoch's start to its last batch's end
+    (validation, checkpointing and the deploy check excluded; data loading included)."""
+
+    def __init__(self):
+        self.images, self.seconds = 0, 0.0
+        self._epoch_start = self._last_batch_end = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = self._last_batch_end = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.images += len(batch_inputs(batch))
+        self._last_batch_end = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seconds += self._last_batch_end - self._epoch_start
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Images per second over all train epochs so far; None before any."""
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the resolved run config in every Lightning checkpoint as ``ckpt["repablate_config"]``."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["repablate_config"] = self.config

@@ -1,0 +1,175 @@
+"""The main job: ``python -m repablate +variant=NAME [overrides]``.
+
+Composes conf/ with Hydra, trains the model in its multi-branch form with Lightning, fuses it and proves the
+fused form equivalent (DeployCheck), measures both forms and writes results.json into the run directory.
+Heavy imports (torch, lightning, wandb) happen inside ``run`` so that ``--cfg job`` and ``--help`` are quick.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import inspect
+import logging
+import secrets
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import repablate
+from repablate.train.results import RESULTS_FILE, flatten, git_commit, write_json_atomically
+
+log = logging.getLogger(__name__)
+
+DATA_SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found before training starts."""
+
+
+def conf_dir() -> Path:
+    """conf/ of a checkout or editable install, else the copy shipped in the package (repablate.conf)."""
+    checkout = Path(repablate.__file__).resolve().parent.parent / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    return Path(str(importlib.resources.files("repablate") / "conf"))
+
+
+def register_resolvers() -> None:
+    """``${repablate.unique:}``: a random suffix, fixed for the process (cached), that keeps run dirs apart."""
+    if not OmegaConf.has_resolver("repablate.unique"):
+        OmegaConf.register_new_resolver("repablate.unique", lambda: secrets.token_hex(4), use_cache=True)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject values that would only fail (or silently misbehave) later, naming the value and what is allowed."""
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+        raise ConfigError(f"optimizer.lr={lr!r} is not allowed: the learning rate must be a positive number")
+    if not (isinstance(cfg.lr_scale, (int, float)) and cfg.lr_scale > 0):
+        raise ConfigError(f"lr_scale={cfg.lr_scale!r} is not allowed: it must be a positive number")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and not (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} is not allowed: use a positive integer (or -1: no limit)")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed: no such checkpoint file")
+
+
+def build_datamodule(data_cfg: DictConfig):
+    """Instantiate ``cfg.data``; its num_classes/in_channels/image_size keys (which the model interpolates) go to
+    the constructor only if it takes them, and must agree with the datamodule's own attributes."""
+    target = get_class(data_cfg._target_) if "_target_" in data_cfg else None
+    accepted = set(inspect.signature(target).parameters) if target is not None else set()
+    node = OmegaConf.to_container(data_cfg, resolve=True)
+    datamodule = instantiate({k: v for k, v in node.items() if k not in DATA_SHAPE_KEYS or k in accepted})
+    for key in DATA_SHAPE_KEYS:
+        actual = getattr(datamodule, key, None)
+        if key in data_cfg and actual is not None and actual != data_cfg[key]:
+            raise ConfigError(f"data.{key}={data_cfg[key]!r} does not match the dataset, which has {key}={actual!r}")
+    return datamodule
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def _collect(trainer, module, callbacks) -> dict[str, Any]:
+    from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, TrainThroughput
+
+    record: dict[str, Any] = {}
+    for name, value in trainer.callback_metrics.items():
+        record[name] = value.item() if hasattr(value, "item") else value
+    for callback in callbacks:
+        if isinstance(callback, DeployCheck):
+            record.update(callback.results)
+        elif isinstance(callback, BranchGradientMonitor):
+            record.update(callback.summary())
+        elif isinstance(callback, TrainThroughput):
+            record["train/images_per_s"] = callback.images_per_s
+    record.update(epochs=trainer.current_epoch, global_step=trainer.global_step, device=_device_name(module.device))
+    return record
+
+
+def _finish_wandb(loggers, record: dict[str, Any]) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            experiment = logger.experiment
+            experiment.summary.update(record)
+            experiment.finish(exit_code=0 if record["status"] == "completed" else 1)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, check, measure and record one run into ``run_dir``; returns the results record.
+
+    On any failure results.json is still written, with status "failed" and the error, and the error re-raised.
+    """
+    started = time.time()
+    record: dict[str, Any] = {
+        "status": "failed", "error": None, "variant": cfg.get("variant"), "seed": cfg.get("seed"),
+        "task": HydraConfig.get().runtime.choices.get("task") if HydraConfig.initialized() else None,
+        "run_dir": str(run_dir), "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "git_commit": git_commit(Path(repablate.__file__).parent),
+    }
+    loggers: list = []
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        record.update(flatten(config))
+        record["task"] = record["task"] or config["task"]["module"]["_target_"].rsplit(".", 1)[-1]
+        validate(cfg)
+        import lightning.pytorch as pl
+        import torch
+
+        from repablate.train.callbacks import ConfigInCheckpoint, TrainThroughput
+
+        record["torch_version"] = torch.__version__
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg.data)
+        model = instantiate(cfg.model)
+        get_method(cfg.init._target_)  # an unknown init target fails here with Hydra's message
+        instantiate(cfg.init)(model)
+        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        module = instantiate(cfg.task.module, model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+        callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+        for callback in callbacks:
+            if hasattr(callback, "run_config"):
+                callback.run_config = config
+        callbacks += [TrainThroughput(), ConfigInCheckpoint(config)]
+        loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        record.update(_collect(trainer, module, callbacks))
+        record["status"] = "completed"
+    except BaseException as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        log.error("run failed: %s", record["error"])
+        raise
+    finally:
+        finished = time.time()
+        record.update(finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(),
+                      wall_time_s=finished - started)
+        write_json_atomically(record, run_dir / RESULTS_FILE)
+        _finish_wandb(loggers, record)
+    log.info("results: %s", run_dir / RESULTS_FILE)
+    return record
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: one run into the run directory Hydra created (conf/hydra/default.yaml)."""
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))

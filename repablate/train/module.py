@@ -1,0 +1,117 @@
+"""The classification LightningModule. Any task module follows the same protocol, which the callbacks rely on:
+
+- ``self.model``: the ``nn.Module`` being trained (what ``repablate.nn.reparameterize`` is applied to);
+- ``evaluate(model, dataloader) -> dict[str, float]``: metrics of any form of the model, in eval mode;
+- ``example_input(batch_size=1) -> Tensor``: an input of the right shape for equivalence checks and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MaxMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+class ClassificationModule(pl.LightningModule):
+    """Cross-entropy training with top-1 accuracy; logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
+    ``val/acc_best`` and ``test/acc``.
+
+    Args:
+        model: the network, images (N, in_channels, image_size, image_size) -> logits (N, num_classes).
+        optimizer: ``optimizer(parameters)`` builds the optimizer (a Hydra partial).
+        scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=)`` builds a per-step schedule, or None.
+        num_classes, in_channels, image_size: of the data.
+        lr_scale: multiplies the optimizer's learning rate (the article's advice for RepConv is 0.75).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+        lr_scale: float = 1.0,
+    ):
+        super().__init__()
+        if not lr_scale > 0:
+            raise ValueError(f"lr_scale={lr_scale!r} is not allowed: it must be a positive number")
+        self.model = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.lr_scale = lr_scale
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        logits = self.model(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.val_acc.reset()
+        self.log("val/acc", acc, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(acc)
+            self.log("val/acc_best", self.val_acc_best.compute())
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.model(x), y)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataloader: Iterable) -> dict[str, float]:
+        """Top-1 accuracy of ``model`` (either form) over ``dataloader``, in eval mode (its mode is restored)."""
+        was_training = model.training
+        model.eval()
+        accuracy = MulticlassAccuracy(self.num_classes, average="micro").to(self.device)
+        try:
+            for x, y in dataloader:
+                accuracy.update(model(x.to(self.device)), y.to(self.device))
+        finally:
+            model.train(was_training)
+        return {"acc": accuracy.compute().item()}
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A random batch of images of the data's shape, on the module's device."""
+        return torch.randn(batch_size, self.in_channels, self.image_size, self.image_size, device=self.device)
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        for group in optimizer.param_groups:  # before any scheduler, which records the lr it starts from
+            group["lr"] *= self.lr_scale
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
