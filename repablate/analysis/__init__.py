@@ -14,10 +14,11 @@ from repablate.analysis.collect import (
     find_run_dirs,
     load_branch_gradients,
     read_run,
+    resolve_column,
     tidy,
 )
 from repablate.analysis.figures import accuracy_vs_latency, branch_gradient_shares, forms_comparison, save_figure
-from repablate.analysis.report import Report, write_report
+from repablate.analysis.report import Report, sweep_settings, write_report
 from repablate.analysis.stats import Comparison, Summary, compare, summarize
 from repablate.analysis.tables import (
     DEFAULT_METRICS,
@@ -55,8 +56,10 @@ __all__ = [
     "load_branch_gradients",
     "log_analysis",
     "read_run",
+    "resolve_column",
     "save_figure",
     "summarize",
+    "sweep_settings",
     "tidy",
     "to_latex",
     "to_markdown",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from repablate.analysis.collect import collect_runs, collect_wandb, failures
-from repablate.analysis.report import write_report
+from repablate.analysis.report import sweep_settings, write_report
 from repablate.analysis.tables import flat_columns, to_markdown
 from repablate.analysis.wandb_log import WANDB_MODES, log_analysis
 
@@ -23,8 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("sweep_dir", nargs="?", type=Path, help="a sweep (or run) directory holding results.json files")
     parser.add_argument("--from-wandb", metavar="ENTITY/PROJECT", help="collect runs from wandb instead (needs a login)")
     parser.add_argument("--group", help="with --from-wandb: only this wandb group (a sweep)")
-    parser.add_argument("--baseline", help="the row to compare against, e.g. plain (several --by keys: 'plain,0.01')")
-    parser.add_argument("--by", nargs="+", default=["variant"], help="columns to group runs by (default: variant)")
+    parser.add_argument("--baseline", help="the row to compare against, e.g. plain (several --by keys: 'plain,0.01'); "
+                        "default: the sweep config's analysis.baseline, else none")
+    parser.add_argument("--by", nargs="+", help="columns or config keys to group runs by, e.g. variant lr_scale; "
+                        "default: the sweep config's analysis.by, else variant")
     parser.add_argument("--metrics", nargs="+", help="metric columns (default: the accuracy, latency, size ones present)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     parser.add_argument("--out", type=Path, help="output directory (default: SWEEP_DIR/analysis)")
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         runs = collect_wandb(args.from_wandb, args.group) if args.from_wandb else collect_runs(args.sweep_dir)
-        report = write_report(runs, args.out, by=args.by, baseline=args.baseline, metrics=args.metrics,
+        settings = sweep_settings(runs) if args.by is None else {}
+        by = args.by or settings.get("by", ["variant"])
+        baseline = args.baseline if args.baseline is not None else settings.get("baseline")
+        report = write_report(runs, args.out, by=by, baseline=baseline, metrics=args.metrics,
                               confidence=args.confidence, figure_format=args.format, draw_figures=not args.no_figures)
     except (FileNotFoundError, LookupError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

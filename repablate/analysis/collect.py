@@ -54,12 +54,17 @@ def _read_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
 
 
-def _from_overrides(overrides: list[str]) -> dict[str, Any]:
-    """variant and seed of a job that left no results, read back from its Hydra overrides."""
+def _identity_of_missing(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """variant and seed of a job that left no results: from the config Hydra saved when the job started, else
+    from its overrides."""
     record: dict[str, Any] = {}
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        config = yaml.safe_load(saved.read_text()) or {}
+        record.update({k: config[k] for k in ("variant", "seed") if isinstance(config.get(k), (str, int))})
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if key in ("variant", "seed"):
+        if key in ("variant", "seed") and key not in record:
             record[key] = int(value) if key == "seed" and value.lstrip("-").isdigit() else value
     return record
 
@@ -75,10 +80,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
     except FileNotFoundError:
         record = {"status": "missing", "error": "no results.json: the job was killed or has not finished"}
-        record.update(_from_overrides(overrides))
+        record.update(_identity_of_missing(run_dir, overrides))
     except ValueError as err:  # json.JSONDecodeError is a ValueError
         record = {"status": "missing", "error": f"unreadable results.json: {err}"}
-        record.update(_from_overrides(overrides))
+        record.update(_identity_of_missing(run_dir, overrides))
     else:
         record = {key: _cell(value) for key, value in raw.items()}
         record.setdefault("status", "completed")
@@ -104,13 +109,15 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return runs[first + [c for c in runs.columns if c not in first]]
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _flatten(mapping: Mapping[str, Any], prefix: str = "config/", path: str = "") -> dict[str, Any]:
+    """Nested config to results.json's keys: ``{"a": {"b": 1}}`` -> ``{"config/a.b": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in mapping.items():
+        dotted = f"{path}.{key}" if path else str(key)
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
+            flat.update(_flatten(value, prefix, dotted))
         else:
-            flat[f"{prefix}{key}"] = _cell(value)
+            flat[prefix + dotted] = _cell(value)
     return flat
 
 
@@ -134,7 +141,7 @@ def collect_wandb(path: str, group: str | None = None, api: Any = None) -> pd.Da
 
 def _wandb_record(run: Any) -> dict[str, Any]:
     summary = {k: _cell(v) for k, v in dict(run.summary).items() if not k.startswith("_")}
-    record = {**_flatten(dict(run.config), "config/"), **summary}
+    record = {**_flatten(dict(run.config)), **summary}
     state = getattr(run, "state", "finished")
     record["status"] = summary.get("status", _WANDB_STATUS.get(state, "missing"))
     if record["status"] != "completed" and not isinstance(summary.get("error"), str):
@@ -143,6 +150,17 @@ def _wandb_record(run: Any) -> dict[str, Any]:
     record.setdefault("variant", record.get("config/variant", math.nan))
     record.setdefault("seed", record.get("config/seed", math.nan))
     return record
+
+
+def resolve_column(runs: pd.DataFrame, name: str) -> str:
+    """The column ``name`` refers to: itself, or a config key written as on the command line
+    (``optimizer.lr`` or ``optimizer/lr`` -> ``config/optimizer.lr``). Raises ValueError naming the choices."""
+    key = name.removeprefix("config/")
+    for candidate in (name, f"config/{key}", f"config/{key.replace('/', '.')}"):
+        if candidate in runs:
+            return candidate
+    known = ", ".join(sorted(map(str, runs.columns)))
+    raise ValueError(f"unknown column {name!r}; the runs have these columns: {known}")
 
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from repablate.analysis import figures as fig
 from repablate.analysis.collect import completed, failures, load_branch_gradients
 from repablate.analysis.tables import ablation_table, export_table
+
+
+def sweep_settings(runs: pd.DataFrame) -> dict[str, Any]:
+    """How the sweep asks to be tabulated: the ``analysis.by`` and ``analysis.baseline`` its config set
+    (conf/sweep/*.yaml), where every run that has them agrees; an empty dict otherwise."""
+    settings: dict[str, Any] = {}
+    for key in ("by", "baseline"):
+        column = f"config/analysis.{key}"
+        values = runs[column].dropna().unique() if column in runs else []
+        if len(values) == 1:
+            settings[key] = json.loads(values[0]) if key == "by" else str(values[0])
+    return settings
 
 
 @dataclass

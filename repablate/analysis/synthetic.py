@@ -21,7 +21,7 @@ def _record(variant: str, seed: int, run_dir: Path, rng: np.random.Generator) ->
     return {
         "status": "completed", "error": None, "variant": variant, "seed": seed, "task": "classify",
         "run_dir": str(run_dir), "wall_time_s": float(rng.uniform(20, 30)), "epochs": 3,
-        "config/optimizer/lr": 0.01, "config/trainer/max_epochs": 3, "config/seed": seed,
+        "config/optimizer.lr": 0.01, "config/trainer.max_epochs": 3, "config/seed": seed,
         "train_form/val/acc": acc, "deploy_form/val/acc": acc, "deploy_form/test/acc": acc - 0.005,
         "train_form/test/acc": acc - 0.005, "val/acc_best": acc + 0.002,
         "equivalence/max_abs": float(rng.uniform(1e-7, 1e-6)), "equivalence/max_rel": float(rng.uniform(1e-7, 1e-6)),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from repablate.analysis._io import write_text_atomic
-from repablate.analysis.collect import completed, failures
+from repablate.analysis.collect import completed, failures, resolve_column
 from repablate.analysis.stats import compare, summarize
 
 # Metrics shown when none are named, in this order, where the runs have them (classification, then detection).
@@ -37,13 +37,6 @@ def default_metrics(runs: pd.DataFrame) -> list[str]:
     return [m for m in DEFAULT_METRICS if m in done and pd.to_numeric(done[m], errors="coerce").notna().any()]
 
 
-def _check_columns(runs: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    unknown = [c for c in columns if c not in runs]
-    if unknown:
-        known = ", ".join(sorted(map(str, runs.columns)))
-        raise ValueError(f"unknown {what} {unknown}; the runs have these columns: {known}")
-
-
 def _text(value: object) -> str:
     # A seed read as float (its column had a gap) still reads "1", not "1.0".
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
@@ -62,7 +55,8 @@ def ablation_table(
 ) -> pd.DataFrame:
     """Statistics of each metric per group of completed runs.
 
-    Rows: one per value of ``by`` (several keys give a MultiIndex). Columns: a MultiIndex (metric, statistic)
+    ``by`` and ``metrics`` name columns, or config keys as on the command line (``optimizer.lr``).
+    Rows: one per value of ``by``, labelled by the values joined with commas. Columns: a MultiIndex (metric, statistic)
     with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
     row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high (Welch interval of the
     difference of means) and p_value (Welch's t-test against the baseline). The baseline row comes first.
@@ -72,9 +66,8 @@ def ablation_table(
     by = list(by)
     if not by:
         raise ValueError("by must name at least one column to group runs by, e.g. ['variant']")
-    metrics = list(metrics) if metrics is not None else default_metrics(runs)
-    _check_columns(runs, by, "grouping columns")
-    _check_columns(runs, metrics, "metrics")
+    by = [resolve_column(runs, c) for c in by]
+    metrics = [resolve_column(runs, m) for m in metrics] if metrics is not None else default_metrics(runs)
     done = completed(runs)
     values = done[metrics].apply(pd.to_numeric, errors="coerce")
     groups = {_label(key): rows.index for key, rows in values.groupby([done[c] for c in by], dropna=False, sort=True)}
