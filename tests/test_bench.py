@@ -99,6 +99,7 @@ def test_measure_latency_runs_on_cpu_and_names_its_settings():
     assert result.threads == 1 and result.blocks >= 2 and result.calls_per_block >= 1
     assert result.median_ms > 0 and result.iqr_ms >= 0
     assert result.peak_mem_bytes is None  # the CPU reports no peak memory
+    assert len(result.round_medians_ms) == 2
 
 
 def test_measure_latencies_times_each_callable():

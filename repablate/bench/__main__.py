@@ -34,8 +34,8 @@ FULL = {
     "widths": [16, 32, 64, 128, 256],
     "resolutions": [14, 28, 56],
     "model_resolutions": [64, 224],
-    "rounds": 10,
-    "min_run_time": 0.1,
+    "rounds": 20,
+    "min_run_time": 0.05,
     "warmup": 10,
 }
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print("## Harness overhead: measure_latency vs a hand-written torch.utils.benchmark.Timer loop\n")
     print(
         f"{overhead['case']}: harness {overhead['harness_ms']:.4g} ms, hand-written {overhead['hand_written_ms']:.4g}"
-        f" ms, difference {overhead['overhead']:+.2%}"
+        f" ms (medians over rounds); harness / hand-written - 1, median over rounds: {overhead['overhead']:+.2%}"
     )
     if args.out:
         write_csv(block_rows + model_rows, args.out)

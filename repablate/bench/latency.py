@@ -19,7 +19,8 @@ class Latency:
     """Seconds per call summarised over timed blocks: median and interquartile range in milliseconds.
 
     ``blocks`` is how many timed blocks (of at least ``calls_per_block`` calls each) the statistics come from;
-    ``peak_mem_bytes`` is the device's peak allocation while measuring, None where the device reports none (CPU).
+    ``peak_mem_bytes`` is the device's peak allocation while measuring, None where the device reports none (CPU);
+    ``round_medians_ms`` the median of each interleaving round, for paired comparisons between callables.
     """
 
     median_ms: float
@@ -28,6 +29,7 @@ class Latency:
     calls_per_block: int
     threads: int
     peak_mem_bytes: int | None = None
+    round_medians_ms: tuple[float, ...] = ()
 
 
 def _check_settings(threads: int | None, warmup: int, min_run_time: float, rounds: int) -> int:
@@ -95,6 +97,7 @@ def measure_latencies(
             calls_per_block=min(run.number_per_run for run in runs),
             threads=threads,
             peak_mem_bytes=peaks[name],
+            round_medians_ms=tuple(run.median * 1e3 for run in runs),
         )
     return results
 
