@@ -153,6 +153,9 @@ def _failure_lines(runs: pd.DataFrame) -> pd.DataFrame:
     failed = failures(runs).copy()
     # The last line of a traceback is the exception itself: enough for a table, the full text is in runs.csv.
     failed["error"] = [str(e).strip().splitlines()[-1][:300] if isinstance(e, str) and e.strip() else "" for e in failed["error"]]
+    if "overrides" in failed:  # only what sets a job apart: overrides shared by every job are noise here
+        common = set.intersection(*(set(str(o).split()) for o in runs["overrides"].fillna("")))
+        failed["overrides"] = [" ".join(o for o in str(row).split() if o not in common) for row in failed["overrides"]]
     return failed
 
 
