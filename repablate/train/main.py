@@ -12,13 +12,15 @@ import inspect
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, get_method, instantiate
+from hydra.types import RunMode
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import repablate
@@ -57,6 +59,15 @@ def validate(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     if epochs is not None and not (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)):
         raise ConfigError(f"trainer.max_epochs={epochs!r} is not allowed: use a positive integer (or -1: no limit)")
+    threads = cfg.get("threads")
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise ConfigError(f"threads={threads!r} is not allowed: use a positive integer, or null for torch's default")
+    root = cfg.data.get("root")
+    if root is not None and not cfg.data.get("download", False) and not Path(root).exists():
+        raise ConfigError(
+            f"data.root={root!r} is not allowed: no such directory (give the dataset's location"
+            + (", or data.download=true to fetch it there)" if "download" in cfg.data else ")")
+        )
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed: no such checkpoint file")
 
@@ -83,12 +94,14 @@ def _device_name(device) -> str:
     return str(device)
 
 
+def _metrics(trainer) -> dict[str, Any]:
+    return {name: value.item() if hasattr(value, "item") else value for name, value in trainer.callback_metrics.items()}
+
+
 def _collect(trainer, module, callbacks) -> dict[str, Any]:
     from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, TrainThroughput
 
     record: dict[str, Any] = {}
-    for name, value in trainer.callback_metrics.items():
-        record[name] = value.item() if hasattr(value, "item") else value
     for callback in callbacks:
         if isinstance(callback, DeployCheck):
             record.update(callback.results)
@@ -110,6 +123,48 @@ def _finish_wandb(loggers, record: dict[str, Any]) -> None:
             experiment.finish(exit_code=0 if record["status"] == "completed" else 1)
 
 
+@dataclass
+class Assembly:
+    """Everything a run is made of, built from the config (see ``assemble``)."""
+
+    datamodule: Any
+    module: Any
+    callbacks: list
+    loggers: list
+    trainer: Any
+
+
+def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
+    """Seed, then instantiate data, model (initialized), task module, callbacks, loggers and Trainer from ``cfg``.
+
+    ``config`` (the resolved config as a plain dict) goes to checkpoints and to callbacks with a ``run_config``.
+    """
+    import lightning.pytorch as pl
+    import torch
+
+    from repablate.train.callbacks import ConfigInCheckpoint, TrainThroughput
+
+    validate(cfg)
+    if config is None:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    if cfg.get("threads") is not None:
+        torch.set_num_threads(cfg.threads)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg.data)
+    model = instantiate(cfg.model)
+    instantiate(cfg.init)(model)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    module = instantiate(cfg.task.module, model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
+    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    for callback in callbacks:
+        if hasattr(callback, "run_config"):
+            callback.run_config = config
+    callbacks += [TrainThroughput(), ConfigInCheckpoint(config)]
+    loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return Assembly(datamodule, module, callbacks, loggers, trainer)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, check, measure and record one run into ``run_dir``; returns the results record.
 
@@ -122,35 +177,21 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "run_dir": str(run_dir), "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "git_commit": git_commit(Path(repablate.__file__).parent),
     }
-    loggers: list = []
+    parts: Assembly | None = None
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         record.update(flatten(config))
         record["task"] = record["task"] or config["task"]["module"]["_target_"].rsplit(".", 1)[-1]
         validate(cfg)
-        import lightning.pytorch as pl
         import torch
 
-        from repablate.train.callbacks import ConfigInCheckpoint, TrainThroughput
-
         record["torch_version"] = torch.__version__
-        pl.seed_everything(cfg.seed, workers=True)
-        datamodule = build_datamodule(cfg.data)
-        model = instantiate(cfg.model)
-        get_method(cfg.init._target_)  # an unknown init target fails here with Hydra's message
-        instantiate(cfg.init)(model)
-        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-        module = instantiate(cfg.task.module, model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
-        callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-        for callback in callbacks:
-            if hasattr(callback, "run_config"):
-                callback.run_config = config
-        callbacks += [TrainThroughput(), ConfigInCheckpoint(config)]
-        loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        record.update(_collect(trainer, module, callbacks))
+        parts = assemble(cfg, config)
+        parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
+        record.update(_metrics(parts.trainer))  # the last logged train/val metrics; test() replaces them
+        record.update(_collect(parts.trainer, parts.module, parts.callbacks))
+        parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
+        record.update(_metrics(parts.trainer))
         record["status"] = "completed"
     except BaseException as error:
         record["error"] = f"{type(error).__name__}: {error}"
@@ -161,7 +202,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         record.update(finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(),
                       wall_time_s=finished - started)
         write_json_atomically(record, run_dir / RESULTS_FILE)
-        _finish_wandb(loggers, record)
+        if parts is not None:
+            _finish_wandb(parts.loggers, record)
     log.info("results: %s", run_dir / RESULTS_FILE)
     return record
 
@@ -171,5 +213,14 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point: one run into the run directory Hydra created (conf/hydra/default.yaml)."""
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """Hydra entry point: one run into the run directory Hydra created (conf/hydra/default.yaml).
+
+    A bad value in a single run ends the process after the one logged line naming it (no traceback); in a sweep
+    it fails that job like any other error.
+    """
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (ConfigError, FileNotFoundError):
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise
+        raise SystemExit(1) from None  # run() has logged the message

@@ -1,0 +1,109 @@
+"""``python -m repablate`` run as a user runs it: a subprocess in a fresh directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Every results.json field the README documents (plus config/<key> for the whole resolved config).
+FIELDS = [
+    "status", "error", "variant", "seed", "task", "run_dir", "started_at", "finished_at", "wall_time_s",
+    "git_commit", "torch_version", "device", "epochs", "global_step", "train/images_per_s",
+    "train_form/val/acc", "train_form/test/acc", "deploy_form/val/acc", "deploy_form/test/acc", "val/acc_best",
+    "test/acc", "equivalence/max_abs", "equivalence/max_rel",
+    "train_form/params", "train_form/flops", "train_form/mem_bytes", "train_form/latency_ms",
+    "train_form/latency_iqr_ms", "train_form/throughput", "deploy_form/params", "deploy_form/flops",
+    "deploy_form/mem_bytes", "deploy_form/latency_ms", "deploy_form/latency_iqr_ms", "deploy_form/throughput",
+    "ratio/params", "ratio/flops", "ratio/mem_bytes", "ratio/latency_ms", "bench/batch_size", "bench/threads",
+    "bench/device", "bench/dtype", "grad/warnings", "grad/share_mean/dense", "grad/share_mean/1x1",
+    "grad/share_mean/identity", "grad/share_min/dense", "grad/share_min/1x1", "grad/share_min/identity",
+    "config/variant", "config/seed", "config/optimizer.lr", "config/model._target_", "config/block._target_",
+]
+
+
+def repablate(*args: str, cwd: Path, wandb_mode: str = "disabled") -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE=wandb_mode)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "repablate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_main_job_writes_the_documented_run_directory(tmp_path):
+    result = repablate("+variant=repconv", "trainer.max_epochs=2", "callbacks.deploy_check.measure_batch_size=8",
+                       cwd=tmp_path, wandb_mode="offline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_repconv_s0_[0-9a-f]{8}", run_dir.name)
+    record = json.loads((run_dir / "results.json").read_text())
+    assert [field for field in FIELDS if field not in record] == []
+    assert record["status"] == "completed" and record["run_dir"] == str(run_dir.resolve())
+    assert record["epochs"] == 2 and record["task"] == "classify" and record["device"] == "cpu"
+    assert record["deploy_form/val/acc"] == record["train_form/val/acc"] > 0.5
+    assert record["deploy_form/test/acc"] == record["train_form/test/acc"] == record["test/acc"]
+    assert record["ratio/params"] > 1 and record["deploy_form/latency_ms"] > 0
+    for name in ("metrics.csv", "branch_gradients.csv", "checkpoints/last.ckpt", "checkpoints/deploy.pt",
+                 ".hydra/config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    with open(run_dir / "metrics.csv") as handle:
+        columns = next(csv.reader(handle))
+    assert {"train/loss", "val/acc", "val/acc_best", "lr-SGD", "grad/share_mean/dense"} <= set(columns)
+    assert torch.load(run_dir / "checkpoints" / "deploy.pt", weights_only=False)["config"]["variant"] == "repconv"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["model=nope"], "Could not find 'model/nope'"),
+     (["+variant=nope"], "Available options in 'variant'"),
+     (["optimizer.lr=-0.5"], "optimizer.lr=-0.5 is not allowed: the learning rate must be a positive number"),
+     (["data=imagefolder", "data.root=missing/images", "data.num_classes=3"], "data.root='missing/images' is not allowed")],
+)
+def test_bad_overrides_fail_with_one_clear_message(args, message, tmp_path):
+    result = repablate(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert message in output
+    assert "Traceback" not in output
+    for path in tmp_path.rglob("results.json"):
+        assert json.loads(path.read_text())["status"] == "failed"
+
+
+@pytest.mark.slow
+def test_multirun_jobs_get_their_own_directories(tmp_path):
+    result = repablate("-m", "+variant=plain,repconv", "trainer=debug", "logger=csv",
+                       "+callbacks.deploy_check.bench.latency=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_[0-9a-f]{8}", sweep.name)
+    jobs = sorted(path.name for path in sweep.iterdir() if path.is_dir())
+    assert jobs == ["0_plain_s0", "1_repconv_s0"]
+    for job in jobs:
+        assert json.loads((sweep / job / "results.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_non_editable_install_finds_its_config(tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(REPO)], capture_output=True, text=True, timeout=300,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (target / "repablate" / "conf" / "config.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(target))
+    result = subprocess.run([sys.executable, "-m", "repablate", "+variant=plain", "--cfg", "job"], cwd=elsewhere,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "variant: plain" in result.stdout and "_target_: repablate.nn.Conv" in result.stdout
