@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,7 +24,7 @@ def _flops(model: torch.nn.Module, size: int) -> int:
     return counter.get_total_flops()
 
 
-def _randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> None:
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> None:
     """Give every BN non-trivial statistics and affine parameters, as training would."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
@@ -98,7 +100,7 @@ def test_deployed_variant_has_the_shape_params_and_flops_of_deployed_original(va
 def test_deploy_form_detections_equal_training_form(variant):
     torch.manual_seed(1)
     model = YOLOv7Tiny(nc=4, conv3x3=variant)
-    _randomize_batch_norms(model)
+    randomize_batch_norms(model)
     deployed = reparameterize(model)
     x = torch.rand(2, 3, 64, 64)
     error = equivalence_error(model, deployed, x)
@@ -143,6 +145,11 @@ def test_unknown_conv3x3_is_refused_with_the_allowed_values(bad):
         YOLOv7Tiny(nc=2, conv3x3=bad)
 
 
-def test_custom_block_factory_is_used():
-    model = YOLOv7Tiny(nc=2, conv3x3=lambda c1, c2, s=1: RepConv(c1, c2, 3, s, use_1x1=False))
-    assert sum(isinstance(m, RepConv) and m.rbr_1x1 is None for m in model.modules()) == 19
+def test_block_factory_gets_tiny_settings():
+    # As the harness's block configs arrive: partials of RepConv / Conv with k=3 and their defaults (SiLU).
+    model = YOLOv7Tiny(nc=2, conv3x3=partial(RepConv, k=3, use_1x1=False))
+    repconvs = [m for m in model.modules() if isinstance(m, RepConv)]
+    assert len(repconvs) == 19 and all(m.rbr_1x1 is None for m in repconvs)
+    assert all(isinstance(m.act, torch.nn.LeakyReLU) and m.rbr_dense[1].eps == 1e-3 for m in repconvs)
+    plain = YOLOv7Tiny(nc=2, conv3x3=partial(Conv, k=3))
+    assert str(plain) == str(YOLOv7Tiny(nc=2, conv3x3="original"))

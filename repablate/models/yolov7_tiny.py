@@ -4,7 +4,7 @@
 Every stride-1 3x3 conv (16 inside the ELAN blocks, 3 before the detection head) is built by one factory,
 chosen by ``conv3x3``: ``"original"`` (Conv + BN + LeakyReLU 0.1, the official layer and the plain-conv
 baseline), ``"repconv"`` (RepConv, same activation) or ``"repconv_n"`` (RepConv without identity branch), or
-any ``block(c_in, c_out, s=1)`` callable. Stride-2 and 1x1 convs stay official Convs. Everything, the
+a block factory such as the harness's ``block`` config (see ``conv3x3_factory``). Stride-2 and 1x1 convs stay official Convs. Everything, the
 detection head's implicit layers included, fuses through ``repablate.nn.reparameterize``.
 """
 
@@ -41,19 +41,29 @@ def tiny_conv(c1: int, c2: int, k: int = 1, s: int = 1, deploy: bool = False) ->
 
 
 def conv3x3_factory(conv3x3: str | Callable[..., nn.Module], deploy: bool = False) -> Callable[..., nn.Module]:
-    """The ``block(c_in, c_out, s=1)`` factory for the swappable 3x3 convs named by ``conv3x3``."""
-    if callable(conv3x3):
-        return conv3x3
-    if conv3x3 == "original":
-        return lambda c1, c2, s=1: tiny_conv(c1, c2, 3, s, deploy=deploy)
-    if conv3x3 in ("repconv", "repconv_n"):
-        identity = None if conv3x3 == "repconv" else False
-        return partial(_repconv, deploy=deploy, use_identity=identity)
-    raise ValueError(f"conv3x3={conv3x3!r} is not allowed: use one of {list(CONV3X3_CHOICES)} or a callable")
+    """The ``block(c_in, c_out, s=1)`` factory for the swappable 3x3 convs named by ``conv3x3``.
 
+    A callable (e.g. a Hydra partial of ``repablate.nn.RepConv`` or ``Conv`` with ``k=3``) is called with tiny's
+    settings as keywords: ``act=LeakyReLU(0.1), deploy=..., bn_eps=1e-3, bn_momentum=0.03``.
+    """
+    if isinstance(conv3x3, str):
+        named = {
+            "original": partial(Conv, k=3),
+            "repconv": partial(RepConv, k=3),
+            "repconv_n": partial(RepConv, k=3, use_identity=False),
+        }
+        if conv3x3 not in named:
+            raise ValueError(f"conv3x3={conv3x3!r} is not allowed: use one of {list(CONV3X3_CHOICES)} or a callable")
+        base = named[conv3x3]
+    elif callable(conv3x3):
+        base = conv3x3
+    else:
+        raise ValueError(f"conv3x3={conv3x3!r} is not allowed: use one of {list(CONV3X3_CHOICES)} or a callable")
 
-def _repconv(c1: int, c2: int, s: int = 1, *, deploy: bool, use_identity: bool | None) -> RepConv:
-    return RepConv(c1, c2, 3, s, act=_act(), deploy=deploy, use_identity=use_identity, **_BN)
+    def block(c1: int, c2: int, s: int = 1) -> nn.Module:
+        return base(c1, c2, s=s, act=_act(), deploy=deploy, **_BN)
+
+    return block
 
 
 class ELAN(nn.Module):
