@@ -269,6 +269,16 @@ def test_cli_writes_tables_and_figures(sweep, tmp_path):
                      "figures/forms_flops_latency.png", "figures/branch_gradients.png"}
 
 
+def test_cli_logs_tables_and_figures_to_an_offline_wandb_run(sweep, tmp_path):
+    out = tmp_path / "out"
+    done = run_cli(str(sweep), "--baseline", "plain", "--out", str(out), "--wandb")
+    assert done.returncode == 0, done.stderr
+    assert "logged to wandb (offline)" in done.stdout
+    media = [p.relative_to(out).as_posix() for p in out.glob("wandb/offline-run-*/files/media/*/*")]
+    assert len([m for m in media if "/table/ablation_table" in m and m.endswith(".table.json")]) == 1
+    assert len([m for m in media if "/images/" in m and m.endswith(".png")]) == 3
+
+
 def test_cli_bad_input_names_the_value(sweep, tmp_path):
     bad = run_cli(str(sweep), "--baseline", "resnet", "--out", str(tmp_path))
     assert bad.returncode == 2 and "baseline 'resnet'" in bad.stderr and "plain" in bad.stderr

@@ -93,6 +93,11 @@ def test_named_sweep_composes(name):
         assert any(_same(value, s) for s in swept), (key, value, swept)
 
 
+def test_a_sweep_runs_without_wandb_when_asked():
+    cfg = compose_with_hydra("+sweep=article", "logger=csv", "~logger.wandb")
+    assert list(cfg.logger) == ["csv"]
+
+
 @pytest.mark.parametrize("launcher, target", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
                                               ("slurm", "SlurmLauncher")])
 def test_launchers_compose(launcher, target):
