@@ -27,6 +27,7 @@ from repablate.analysis import (
     export_table,
     failures,
     forms_comparison,
+    group_labels,
     load_branch_gradients,
     save_figure,
     summarize,
@@ -247,6 +248,17 @@ def test_every_figure_renders_to_a_file(sweep, tmp_path, suffix, magic):
         assert path.read_bytes().startswith(magic), name
     axes = accuracy_vs_latency(runs).axes[0]
     assert axes.get_ylabel() == ACC and len(axes.get_legend().get_texts()) == 3
+
+
+def test_figures_colour_runs_by_their_table_row(sweep, tmp_path):
+    runs = collect_runs(sweep)
+    labels = group_labels(runs, ["variant", "optimizer.lr"])
+    table = ablation_table(runs, metrics=[ACC], by=["variant", "optimizer.lr"])
+    assert set(labels[runs["status"] == "completed"]) == set(table.index) == {"plain,0.01", "repconv,0.01", "repconv_n,0.01"}
+    figure = accuracy_vs_latency(runs.assign(row=labels), by="row")
+    assert sorted(t.get_text() for t in figure.axes[0].get_legend().get_texts()) == sorted(table.index)
+    report = write_report(runs, tmp_path, by=["variant", "optimizer.lr"])
+    assert not report.skipped and report.files["branch_gradients"].is_file()
 
 
 def test_report_skips_figures_whose_data_is_absent(tmp_path):

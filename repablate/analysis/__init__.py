@@ -28,6 +28,7 @@ from repablate.analysis.tables import (
     flat_columns,
     format_deltas,
     format_table,
+    group_labels,
     to_latex,
     to_markdown,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "format_deltas",
     "format_table",
     "forms_comparison",
+    "group_labels",
     "load_branch_gradients",
     "log_analysis",
     "read_run",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from repablate.analysis import figures as fig
 from repablate.analysis.collect import completed, failures, load_branch_gradients
-from repablate.analysis.tables import ablation_table, export_table
+from repablate.analysis.tables import ablation_table, export_table, group_labels
 
 
 def sweep_settings(runs: pd.DataFrame) -> dict[str, Any]:
@@ -56,11 +56,13 @@ def write_report(
     report = Report(table=table, files=export_table(table, out_dir, runs=runs))
     if not draw_figures:
         return report
-    group = by[0]
+    # Figures colour runs by their table row: one column holding the row label, named after the keys.
+    group = ",".join(c.removeprefix("config/") for c in table.attrs["by"])
+    labelled = runs.assign(**{group: group_labels(runs, by)})
     drawers = {
-        "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(runs, by=group),
-        "forms_flops_latency": lambda: fig.forms_comparison(runs, by=group),
-        "branch_gradients": lambda: fig.branch_gradient_shares(load_branch_gradients(runs, keys=by), by=group),
+        "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(labelled, by=group),
+        "forms_flops_latency": lambda: fig.forms_comparison(labelled, by=group),
+        "branch_gradients": lambda: fig.branch_gradient_shares(load_branch_gradients(labelled, keys=[group]), by=group),
     }
     for name, draw in drawers.items():
         try:

@@ -46,6 +46,12 @@ def _label(key: object) -> str:
     return ",".join(map(_text, key)) if isinstance(key, tuple) else _text(key)
 
 
+def group_labels(runs: pd.DataFrame, by: Sequence[str]) -> pd.Series:
+    """Each run's row label in :func:`ablation_table` (its ``by`` values joined by commas)."""
+    columns = [resolve_column(runs, c) for c in by]
+    return runs[columns].apply(lambda row: _label(tuple(row)), axis=1).astype(str)
+
+
 def ablation_table(
     runs: pd.DataFrame,
     metrics: Sequence[str] | None = None,
@@ -56,8 +62,8 @@ def ablation_table(
     """Statistics of each metric per group of completed runs.
 
     ``by`` and ``metrics`` name columns, or config keys as on the command line (``optimizer.lr``).
-    Rows: one per value of ``by``, labelled by the values joined with commas. Columns: a MultiIndex (metric, statistic)
-    with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
+    Rows: one per value of ``by``, labelled by the values joined with commas. Columns: a MultiIndex
+    (metric, statistic) with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
     row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high (Welch interval of the
     difference of means) and p_value (Welch's t-test against the baseline). The baseline row comes first.
     """
@@ -68,6 +74,8 @@ def ablation_table(
         raise ValueError("by must name at least one column to group runs by, e.g. ['variant']")
     by = [resolve_column(runs, c) for c in by]
     metrics = [resolve_column(runs, m) for m in metrics] if metrics is not None else default_metrics(runs)
+    if not metrics:
+        raise ValueError(f"no metric to tabulate: the runs report none of {list(DEFAULT_METRICS)}; name metric columns")
     done = completed(runs)
     values = done[metrics].apply(pd.to_numeric, errors="coerce")
     groups = {_label(key): rows.index for key, rows in values.groupby([done[c] for c in by], dropna=False, sort=True)}
