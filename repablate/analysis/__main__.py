@@ -25,9 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group", help="with --from-wandb: only this wandb group (a sweep)")
     parser.add_argument("--baseline", help="the row to compare against, e.g. plain (several --by keys: 'plain,0.01'); "
                         "default: the sweep config's analysis.baseline, else none")
-    parser.add_argument("--by", nargs="+", help="columns or config keys to group runs by, e.g. variant lr_scale; "
+    parser.add_argument("--by", nargs="+", metavar="KEY", help="columns or config keys to group runs by, e.g. variant lr_scale; "
                         "default: the sweep config's analysis.by, else variant")
-    parser.add_argument("--metrics", nargs="+", help="metric columns (default: the accuracy, latency, size ones present)")
+    parser.add_argument("--metrics", nargs="+", metavar="METRIC", help="metric columns (default: the accuracy, latency, size ones present)")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     parser.add_argument("--out", type=Path, help="output directory (default: SWEEP_DIR/analysis)")
     parser.add_argument("--format", default="png", choices=["png", "pdf", "svg"], help="figure file format")
