@@ -31,6 +31,7 @@ from repablate.analysis import (
     load_branch_gradients,
     save_figure,
     summarize,
+    tidy,
     to_latex,
     to_markdown,
     write_report,
@@ -145,6 +146,15 @@ def test_collect_rejects_empty_or_absent_dirs(tmp_path):
         collect_runs(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         collect_runs(tmp_path / "nope")
+
+
+def test_tidy_has_one_row_per_run_and_metric(sweep):
+    runs = collect_runs(sweep)
+    long = tidy(runs, [ACC, "deploy_form/latency_ms", "not/a/metric"])
+    assert len(long) == 9 * 2 and set(long["metric"]) == {ACC, "deploy_form/latency_ms"}
+    by_run = {r["run_dir"]: r[ACC] for r in results_files(sweep) if r["status"] == "completed"}
+    for _, row in long[long["metric"] == ACC].iterrows():
+        assert row["value"] == by_run[str(Path(row["run_dir"]))]
 
 
 def test_wandb_runs_give_the_same_columns(sweep):
