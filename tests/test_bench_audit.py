@@ -117,3 +117,22 @@ def test_yolov7_style_module_without_reparameterize_is_audited():
     (block,) = audit.blocks
     assert block.branches == ("dense", "1x1", "identity") and not block.deployed
     assert any("identity branch" in p for p in block.problems) and any("left unfused" in p for p in block.problems)
+
+
+def test_deployed_head_with_one_conv_per_level_is_held_only_to_no_batch_norm():
+    class Head(nn.Module):  # like a detection head fused per level: several convs by design, plus decoding adds
+        deploy = True
+
+        def __init__(self):
+            super().__init__()
+            self.levels = nn.ModuleList(nn.Conv2d(4, 6, 1) for _ in range(2))
+
+        def reparameterize(self):
+            pass
+
+        def forward(self, x):
+            return [conv(x) + 1 for conv in self.levels]
+
+    audit = audit_ops(Head(), torch.randn(1, 4, 5, 5))
+    assert audit.ok, audit.problems()
+    assert audit.blocks[0].conv_modules == 2 and audit.blocks[0].count(lambda op: "conv" in op) == 2

@@ -1,8 +1,9 @@
 """Op audit: which aten ops a forward pass runs, per model and per re-parameterizable block, and what is wrong.
 
 It answers the article's troubleshooting list (section 4.2) with evidence rather than by reading code:
-- a deployed model must run no batch_norm, and each fused block exactly one convolution and no branch addition
-  per call;
+- a deployed model must run no batch_norm, and each fused block (a block that owns one convolution once
+  deployed) exactly one convolution and no branch addition per call; a deployed block that owns several
+  convolutions (a detection head fused per level) is only held to running no batch_norm;
 - a block meant to be deployed but left in its multi-branch form is flagged ("fuse_repvgg_block() never called");
 - an identity branch on a block whose stride, channels or padding make input and output shapes differ is
   flagged (the article's first pitfall). ``repablate.nn.RepConv`` refuses to build one, but a module loaded from
@@ -39,12 +40,14 @@ def is_addition(op: str) -> bool:
 
 @dataclass
 class BlockAudit:
-    """One re-parameterizable block: its form, live branches, and the ops its forward ran over ``calls`` calls."""
+    """One re-parameterizable block: its form, live branches, how many conv modules it owns, and the ops its
+    forward ran over ``calls`` calls."""
 
     name: str
     kind: str
     deployed: bool
     branches: tuple[str, ...]
+    conv_modules: int = 0
     calls: int = 0
     ops: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
@@ -165,11 +168,13 @@ class _OpRecorder(TorchDispatchMode):
 def _check_deployed_block(block: BlockAudit) -> None:
     if block.calls == 0:
         return
+    if block.count(is_batch_norm):
+        block.problems.append(f"ran {block.count(is_batch_norm)} batch_norm op(s) although deployed")
+    if block.conv_modules != 1:
+        return  # e.g. a detection head with one fused conv per level: its convs and additions are its design
     convolutions = block.count(is_convolution)
     if convolutions != block.calls:
         block.problems.append(f"ran {convolutions} convolution(s) in {block.calls} call(s), expected one per call")
-    if block.count(is_batch_norm):
-        block.problems.append(f"ran {block.count(is_batch_norm)} batch_norm op(s) although deployed")
     if block.count(is_addition):
         block.problems.append(f"ran {block.count(is_addition)} addition(s) although deployed (branches not fused)")
 
@@ -184,7 +189,13 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
     """
     modules = _blocks(model)
     audits = {
-        name: BlockAudit(name, type(module).__name__, _is_deployed(module), _branches(module))
+        name: BlockAudit(
+            name,
+            type(module).__name__,
+            _is_deployed(module),
+            _branches(module),
+            conv_modules=sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()),
+        )
         for name, module in modules.items()
     }
     if expect_deployed is None:
@@ -214,7 +225,8 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
         if conflict:
             audit.problems.append(conflict)
         if expect_deployed and not audit.deployed:
-            audit.problems.append(f"left unfused (branches {list(audit.branches)}): reparameterize was not applied")
+            detail = f"branches {list(audit.branches)}" if audit.branches else "training form"
+            audit.problems.append(f"left unfused ({detail}): reparameterize was not applied")
         if audit.deployed:
             _check_deployed_block(audit)
     if expect_deployed:
