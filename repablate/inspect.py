@@ -48,14 +48,17 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-        return {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "data") if key in cfg}
+        # Only what the audit needs is resolved: other groups may interpolate Hydra's runtime (run dirs, ...).
+        data = {key: OmegaConf.select(cfg, f"data.{key}") for key in ("in_channels", "image_size")}
+        model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
+        return {"data": {key: value for key, value in data.items() if value is not None}, "model": model}
     except (HydraException, OmegaConfBaseException) as error:
         raise InspectError(f"cannot compose the model config from overrides {overrides}: {error}") from error
 
 
 def build_model(config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
     """``instantiate(config["model"], **kwargs)`` with a readable error."""
-    if "model" not in config:
+    if config.get("model") is None:
         raise InspectError(f"the config has no 'model' entry (keys: {sorted(config)})")
     try:
         return instantiate(config["model"], **kwargs)
