@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fuse:
         model, expect_deployed, source = reparameterize(model), True, f"{source}, fused"
     audit = audit_ops(model, x, expect_deployed=expect_deployed)
-    cost = measure_model(model, x, latency=False) if not audit.model_problems else {}
+    cost = measure_model(model, x, latency=False) if audit.forward_error is None else {}
     print(f"source: {source}; input {tuple(x.shape)}\n")
     if cost:
         print(

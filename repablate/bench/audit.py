@@ -59,13 +59,15 @@ class BlockAudit:
 
 @dataclass
 class OpAudit:
-    """The audit of one forward pass. ``ok`` is False when anything listed under ``problems()`` was found."""
+    """The audit of one forward pass. ``ok`` is False when anything listed under ``problems()`` was found;
+    ``forward_error`` says why the forward raised, if it did (the ops then stop where it failed)."""
 
     model: str
     expect_deployed: bool
     ops: Counter[str]
     blocks: list[BlockAudit]
     model_problems: list[str] = field(default_factory=list)
+    forward_error: str | None = None
 
     def problems(self) -> list[str]:
         """Every problem found, model-level first, then per block (prefixed with the block's name)."""
@@ -202,6 +204,7 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
         expect_deployed = any(audit.deployed for audit in audits.values())
     recorder = _OpRecorder(audits)
     model_problems: list[str] = []
+    forward_error = None
     handles = []
     for name, module in modules.items():
         handles.append(module.register_forward_pre_hook(lambda *_, name=name: recorder.stack.append(name)))
@@ -213,7 +216,8 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
         with recorder:
             model(*args)
     except Exception as error:  # noqa: BLE001 -- a broken model is what an audit exists to report
-        model_problems.append(f"the forward pass failed: {type(error).__name__}: {error}")
+        forward_error = f"{type(error).__name__}: {error}"
+        model_problems.append(f"the forward pass failed: {forward_error}")
     finally:
         for handle in handles:
             handle.remove()
@@ -233,7 +237,9 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
         batch_norms = sum(n for op, n in recorder.ops.items() if is_batch_norm(op))
         if batch_norms:
             model_problems.append(f"batch_norm still runs {batch_norms} time(s) in a model meant to be deployed")
-    return OpAudit(type(model).__name__, expect_deployed, recorder.ops, list(audits.values()), model_problems)
+    return OpAudit(
+        type(model).__name__, expect_deployed, recorder.ops, list(audits.values()), model_problems, forward_error
+    )
 
 
 def _leave(recorder: _OpRecorder, audit: BlockAudit) -> None:

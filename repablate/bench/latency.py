@@ -19,7 +19,9 @@ class Latency:
     """Seconds per call summarised over timed blocks: median and interquartile range in milliseconds.
 
     ``blocks`` is how many timed blocks (of at least ``calls_per_block`` calls each) the statistics come from;
-    ``peak_mem_bytes`` is the device's peak allocation while measuring, None where the device reports none (CPU);
+    ``peak_mem_bytes`` is the device's peak allocation while timing, above what was allocated before (weights and
+    inputs of all models measured together are resident, so this is the forward's activations and workspace),
+    None where the device reports none (CPU);
     ``round_medians_ms`` the median of each interleaving round, for paired comparisons between callables.
     """
 
@@ -63,7 +65,7 @@ def measure_latencies(
     First ``warmup`` untimed calls of each callable, then per round and callable
     ``Timer.blocked_autorange(min_run_time)`` (which also warms up while it sizes its blocks).
     ``threads`` is the CPU thread count the Timer sets while timing (None: ``torch.get_num_threads()``).
-    Runs under ``torch.no_grad()``; peak memory is read on CUDA devices.
+    Runs under ``torch.no_grad()``; peak memory (see ``Latency``) is read on CUDA devices.
     """
     threads = _check_settings(threads, warmup, min_run_time, rounds)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
@@ -83,10 +85,14 @@ def measure_latencies(
             order = list(timers.items()) if round_index % 2 == 0 else list(reversed(timers.items()))
             for name, timer in order:
                 if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    resident = torch.cuda.memory_allocated(device)
                     torch.cuda.reset_peak_memory_stats(device)
                 measurements[name].append(timer.blocked_autorange(min_run_time=min_run_time))
                 if device.type == "cuda":
-                    peaks[name] = max(peaks[name] or 0, torch.cuda.max_memory_allocated(device))
+                    # Above what was resident (every model's weights, the input): this callable's activations.
+                    extra = torch.cuda.max_memory_allocated(device) - resident
+                    peaks[name] = max(peaks[name] or 0, extra)
     results = {}
     for name, runs in measurements.items():
         (pooled,) = Measurement.merge(runs)
