@@ -16,7 +16,7 @@ from torch.utils.benchmark import Measurement, Timer
 
 @dataclass(frozen=True)
 class Latency:
-    """Seconds per call summarised over timed blocks: median and interquartile range in milliseconds.
+    """Time per call summarised over timed blocks: median and interquartile range, in milliseconds.
 
     ``blocks`` is how many timed blocks (of at least ``calls_per_block`` calls each) the statistics come from;
     ``peak_mem_bytes`` is the device's peak allocation while timing, above what was allocated before (weights and
