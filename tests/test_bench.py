@@ -62,13 +62,22 @@ def test_flops_ratio_of_a_c_to_c_block_is_ten_ninths():
     assert count_flops(block, x) / count_flops(reparameterize(block), x) == pytest.approx(10 / 9, rel=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_memory_access_of_one_conv_is_input_weight_bias_output(dtype):
-    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True).to(dtype)
-    x = torch.randn(2, 3, 10, 10, dtype=dtype)
+@settings(max_examples=25, deadline=None)
+@given(conv_shapes(), st.booleans(), st.sampled_from([torch.float32, torch.float64]))
+def test_memory_access_of_one_conv_is_input_weight_bias_output(shape, bias, dtype):
+    # Exact: read x, W (and b), write y; nothing else moves, whatever the shape, grouping or dtype.
+    n, c1, c2, k, s, g, h = (shape[key] for key in ("n", "c1", "c2", "k", "s", "g", "h"))
+    conv = nn.Conv2d(c1, c2, k, stride=s, padding=k // 2, groups=g, bias=bias).to(dtype)
+    out_hw = (h - 1) // s + 1
     size = torch.finfo(dtype).bits // 8
-    expected = size * (2 * 3 * 10 * 10 + 8 * 3 * 3 * 3 + 8 + 2 * 8 * 5 * 5)  # read x, W, b; write y (5x5 at stride 2)
-    assert memory_access(conv, x) == expected
+    expected = size * (n * c1 * h * h + c2 * (c1 // g) * k * k + (c2 if bias else 0) + n * c2 * out_hw * out_hw)
+    assert memory_access(conv, torch.randn(n, c1, h, h, dtype=dtype)) == expected
+
+
+def test_memory_access_by_hand_for_one_strided_conv():
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True)
+    # x 2*3*10*10 + W 8*3*3*3 + b 8 + y 2*8*5*5 = 600 + 216 + 8 + 400 = 1224 floats
+    assert memory_access(conv, torch.randn(2, 3, 10, 10)) == 1224 * FLOAT32
 
 
 def test_memory_access_of_one_eval_batch_norm_reads_four_statistics():
