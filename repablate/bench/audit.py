@@ -196,7 +196,7 @@ def audit_ops(model: nn.Module, example_input: Any, expect_deployed: bool | None
             type(module).__name__,
             _is_deployed(module),
             _branches(module),
-            conv_modules=sum(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules()),
+            conv_modules=sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in module.modules()),
         )
         for name, module in modules.items()
     }
