@@ -260,6 +260,19 @@ def test_every_figure_renders_to_a_file(sweep, tmp_path, suffix, magic):
     assert axes.get_ylabel() == ACC and len(axes.get_legend().get_texts()) == 3
 
 
+def test_a_branch_has_one_colour_in_every_panel(tmp_path):
+    # repconv_no1x1 has no 1x1 branch: its identity line must keep repconv's identity colour.
+    sweep = write_synthetic_sweep(tmp_path, variants=("repconv", "repconv_no1x1"), seeds=(0,))
+    figure = branch_gradient_shares(load_branch_gradients(collect_runs(sweep)))
+    colours: dict[str, set] = {}
+    for ax in figure.axes:
+        legend = ax.get_legend()
+        for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True):
+            colours.setdefault(text.get_text(), set()).add(tuple(handle.get_color()))
+    assert set(colours) == {"dense", "1x1", "identity"}
+    assert all(len(c) == 1 for c in colours.values()) and len({next(iter(c)) for c in colours.values()}) == 3
+
+
 def test_figures_colour_runs_by_their_table_row(sweep, tmp_path):
     runs = collect_runs(sweep)
     labels = group_labels(runs, ["variant", "optimizer.lr"])

@@ -83,10 +83,12 @@ def branch_gradient_shares(gradients: pd.DataFrame, by: str = "variant") -> Figu
                          "to branch_gradients.csv")
     data = gradients.dropna(subset=["share"]).astype({by: str})
     groups = sorted(data[by].unique())
+    branches = list(dict.fromkeys(data["branch"]))
+    palette = dict(zip(branches, sns.color_palette(n_colors=len(branches)), strict=True))  # same colour in every panel
     fig = Figure(figsize=(5 * len(groups), 4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
     for ax, group in zip(axes, groups, strict=True):
-        sns.lineplot(data=data[data[by] == group], x="step", y="share", hue="branch", errorbar="sd", ax=ax)
+        sns.lineplot(data=data[data[by] == group], x="step", y="share", hue="branch", palette=palette, errorbar="sd", ax=ax)
         ax.set(title=f"{by}={group}", ylabel="share of gradient norm")
     return fig
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from repablate.analysis._io import write_text_atomic
 
-BRANCHES = {"plain": ["dense"], "repconv_n": ["dense", "1x1"], "repconv": ["dense", "1x1", "identity"]}
+BRANCHES = {"plain": ["dense"], "repconv_n": ["dense", "1x1"], "repconv_no1x1": ["dense", "identity"],
+            "repconv": ["dense", "1x1", "identity"]}
 
 
 def _record(variant: str, seed: int, run_dir: Path, rng: np.random.Generator) -> dict:
