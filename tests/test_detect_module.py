@@ -93,7 +93,7 @@ def test_deploy_form_detections_equal_training_form(shapes, variant):
     with torch.no_grad():  # a low threshold: the untrained head's scores are ~1e-3
         trained, fused = postprocess(model(images)[0], 1e-4), postprocess(deployed(images)[0], 1e-4)
     assert sum(len(r["labels"]) for r in trained) > 0
-    for a, b in zip(trained, fused):
+    for a, b in zip(trained, fused, strict=True):
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3)  # pixels
         assert torch.allclose(a["scores"], b["scores"], atol=1e-6)

@@ -34,7 +34,7 @@ def test_matches_respect_the_ratio_threshold_and_the_grid(cx, cy, w, h, level):
     assert (classes == 1).all() and (b == 0).all()
     if fitting:
         centre = (int(cx / STRIDES[level]), int(cy / STRIDES[level]))
-        cells = set(zip(gx.tolist(), gy.tolist()))
+        cells = set(zip(gx.tolist(), gy.tolist(), strict=True))
         assert (min(centre[0], grid - 1), min(centre[1], grid - 1)) in cells
         # At most 3 cells per anchor: the centre's and its two nearest neighbours.
         assert len(a) <= 3 * len(fitting)

@@ -129,7 +129,7 @@ def test_idetect_fusion_folds_implicit_layers_exactly(channels, nc, implicit_sca
     torch.manual_seed(seed)
     levels = len(channels)
     head = IDetect(nc, channels, anchors=[(10, 10, 20, 20, 30, 30)] * levels, strides=[8 * 2**i for i in range(levels)])
-    for add, mul in zip(head.ia, head.im):
+    for add, mul in zip(head.ia, head.im, strict=True):
         add.implicit.data.normal_(0, implicit_scale)
         mul.implicit.data.normal_(1, implicit_scale)
     features = [torch.randn(2, c, 8 >> i, 8 >> i) for i, c in enumerate(channels)]

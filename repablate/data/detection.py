@@ -148,7 +148,7 @@ class YoloImageFolder(Dataset):
 
 def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack images; concatenate targets with the image's index in front: (N, 6)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     indexed = [torch.cat((torch.full((t.shape[0], 1), float(i)), t), 1) for i, t in enumerate(targets)]
     return torch.stack(images), torch.cat(indexed).reshape(-1, 6)
 

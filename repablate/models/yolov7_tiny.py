@@ -160,7 +160,7 @@ class IDetect(nn.Module):
     @torch.no_grad()
     def _init_biases(self, image_size: int = 640) -> None:
         # YOLOv5/7's prior: about 8 objects per 640x640 image for objectness, even class probabilities.
-        for conv, stride in zip(self.m, self.stride.tolist()):
+        for conv, stride in zip(self.m, self.stride.tolist(), strict=True):
             bias = conv.bias.view(self.na, -1)
             bias[:, 4] += torch.log(torch.tensor(8 / (image_size / stride) ** 2))
             bias[:, 5:] += torch.log(torch.tensor(0.6 / (self.nc - 0.99)))
@@ -195,7 +195,7 @@ class IDetect(nn.Module):
         """Fold ImplicitA into each conv's bias (b += W a) and ImplicitM into weight and bias; drop both."""
         if self.deploy:
             return
-        for conv, add, mul in zip(self.m, self.ia, self.im):
+        for conv, add, mul in zip(self.m, self.ia, self.im, strict=True):
             weight = conv.weight.double()
             bias = conv.bias.double() + (weight.flatten(1) @ add.implicit.double().flatten())
             scale = mul.implicit.double().flatten()
@@ -264,4 +264,4 @@ class YOLOv7Tiny(nn.Module):
         t3 = self.top_down_p3(torch.cat((self.lateral_p3(p3), self.up_p3(t4)), 1))
         b4 = self.bottom_up_p4(torch.cat((self.down_p4(t3), t4), 1))
         b5 = self.bottom_up_p5(torch.cat((self.down_p5(b4), p5), 1))
-        return self.detect([conv(f) for conv, f in zip(self.out_convs, (t3, b4, b5))])
+        return self.detect([conv(f) for conv, f in zip(self.out_convs, (t3, b4, b5), strict=True)])
