@@ -20,10 +20,18 @@ DEFAULTS = {next(iter(e)) for e in OmegaConf.to_container(OmegaConf.load(CONF / 
 # Options needing values a user must give (a dataset on disk, ...): the overrides that make them instantiate.
 NEEDS = {
     "data/imagefolder": lambda tmp: [f"data.root={_image_folder(tmp)}", "data.num_classes=2"],
-    "data/cifar10": lambda tmp: [f"data.root={tmp}"],
-    "data/cifar100": lambda tmp: [f"data.root={tmp}"],
+    "data/cifar10": lambda tmp: [f"data.root={_folder(tmp / 'cifar-10-batches-py').parent}"],
+    "data/cifar100": lambda tmp: [f"data.root={_folder(tmp / 'cifar-100-python').parent}"],
+    "data/yolo": lambda tmp: ["task=detect", "model=yolov7_tiny", f"data.data_yaml={tmp / 'data.yaml'}",
+                              "data.num_classes=2"],
+    "task/detect": lambda tmp: ["model=yolov7_tiny", "data=shapes_detect"],
     "launcher/slurm": lambda tmp: ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.num_nodes=1"],
 }
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
 
 
 def _image_folder(root: Path) -> Path:

@@ -1,7 +1,7 @@
 """Callbacks that work for any LightningModule following the protocol in ``repablate.train.module``.
 
 BranchGradientMonitor watches every multi-branch block's gradients; DeployCheck fuses, proves, evaluates and
-measures the model at the end of fit; TrainThroughput and ConfigInCheckpoint feed results.json and checkpoints.
+measures the model at the end of fit; RunRecorder feeds results.json and checkpoints.
 """
 
 from __future__ import annotations
@@ -247,11 +247,16 @@ class DeployCheck(Callback):
             )
 
 
-class TrainThroughput(Callback):
-    """Training images per second: images over the time from each train epoch's start to its last batch's end
-    (validation, checkpointing and the deploy check excluded; data loading included)."""
+class RunRecorder(Callback):
+    """What the run record needs from the fit, in one callback (each callback costs hook dispatch every step):
 
-    def __init__(self):
+    - training images per second: images over the time from each train epoch's start to its last batch's end
+      (validation, checkpointing and the deploy check excluded; data loading included);
+    - the resolved run config, stored in every Lightning checkpoint as ``ckpt["repablate_config"]``.
+    """
+
+    def __init__(self, config: dict[str, Any] | None = None):
+        self.config = config
         self.images, self.seconds = 0, 0.0
         self._epoch_start = self._last_batch_end = None
 
@@ -270,12 +275,6 @@ class TrainThroughput(Callback):
         """Images per second over all train epochs so far; None before any."""
         return self.images / self.seconds if self.seconds > 0 else None
 
-
-class ConfigInCheckpoint(Callback):
-    """Stores the resolved run config in every Lightning checkpoint as ``ckpt["repablate_config"]``."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = config
-
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["repablate_config"] = self.config
+        if self.config is not None:
+            checkpoint["repablate_config"] = self.config

@@ -99,7 +99,7 @@ def _metrics(trainer) -> dict[str, Any]:
 
 
 def _collect(trainer, module, callbacks) -> dict[str, Any]:
-    from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, TrainThroughput
+    from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, RunRecorder
 
     record: dict[str, Any] = {}
     for callback in callbacks:
@@ -107,7 +107,7 @@ def _collect(trainer, module, callbacks) -> dict[str, Any]:
             record.update(callback.results)
         elif isinstance(callback, BranchGradientMonitor):
             record.update(callback.summary())
-        elif isinstance(callback, TrainThroughput):
+        elif isinstance(callback, RunRecorder):
             record["train/images_per_s"] = callback.images_per_s
     record.update(epochs=trainer.current_epoch, global_step=trainer.global_step, device=_device_name(module.device))
     return record
@@ -142,7 +142,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     import lightning.pytorch as pl
     import torch
 
-    from repablate.train.callbacks import ConfigInCheckpoint, TrainThroughput
+    from repablate.train.callbacks import RunRecorder
 
     validate(cfg)
     if config is None:
@@ -159,7 +159,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     for callback in callbacks:
         if hasattr(callback, "run_config"):
             callback.run_config = config
-    callbacks += [TrainThroughput(), ConfigInCheckpoint(config)]
+    callbacks.append(RunRecorder(config))
     loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return Assembly(datamodule, module, callbacks, loggers, trainer)
