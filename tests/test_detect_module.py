@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EMAWeightAveraging
 import pytest
 import torch
 from torch import nn
@@ -106,11 +107,16 @@ def test_module_refuses_a_mismatched_head():
         DetectionModule(nn.Linear(2, 2), partial(torch.optim.SGD, lr=0.1), num_classes=2)
 
 
-def test_lightning_fast_dev_run(shapes, tmp_path):
+def test_lightning_run_with_ema_weights(shapes, tmp_path):
+    # Weight EMA is Lightning's callback; at the end of training the model holds the averaged weights.
     module = _module(YOLOv7Tiny(nc=NUM_CLASSES, conv3x3="repconv_n"))
-    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[ema])
     trainer.fit(module, datamodule=shapes)
     assert {"train/loss", "val/map50", "val/map"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    averaged = dict(ema._average_model.module.named_parameters())
+    assert all(torch.equal(p, averaged[name]) for name, p in module.named_parameters())
     assert module.example_input(2).shape == (2, 3, 64, 64)
