@@ -5,9 +5,9 @@ from __future__ import annotations
 from functools import partial
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EMAWeightAveraging
 import pytest
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from torch import nn
 
 from repablate.data.detection import ShapesDetectDataModule
