@@ -228,6 +228,14 @@ def test_exports_show_the_numbers_and_the_failures(sweep, tmp_path):
     assert len(pd.read_csv(paths["failures"])) == 2 and len(pd.read_csv(paths["runs"])) == 11
 
 
+def test_markdown_warns_when_runs_come_from_several_code_versions(sweep):
+    runs = collect_runs(sweep)
+    table = ablation_table(runs, metrics=[ACC])
+    assert "code versions" not in to_markdown(table, runs.assign(git_commit="abc"))
+    mixed = runs.assign(git_commit=["abc", "def-dirty"] * 5 + ["abc"])
+    assert "the runs come from 2 code versions** (git_commit): abc, def-dirty" in to_markdown(table, mixed)
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = write_text_atomic(tmp_path / "t.md", "old")
 

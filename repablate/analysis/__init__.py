@@ -23,6 +23,7 @@ from repablate.analysis.stats import Comparison, Summary, compare, summarize
 from repablate.analysis.tables import (
     DEFAULT_METRICS,
     ablation_table,
+    code_versions,
     default_metrics,
     export_table,
     flat_columns,
@@ -43,6 +44,7 @@ __all__ = [
     "accuracy_vs_latency",
     "branch_gradient_shares",
     "collect_runs",
+    "code_versions",
     "collect_wandb",
     "compare",
     "completed",

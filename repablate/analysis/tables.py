@@ -95,7 +95,7 @@ def ablation_table(
         rows[label] = row
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "stat"])
-    table.index.name = ",".join(by)
+    table.index.name = ",".join(c.removeprefix("config/") for c in by)
     table.attrs.update(baseline=baseline, confidence=confidence, by=by)
     return table
 
@@ -167,13 +167,21 @@ def _failure_lines(runs: pd.DataFrame) -> pd.DataFrame:
     return failed
 
 
+def code_versions(runs: pd.DataFrame) -> list[str]:
+    """The distinct ``git_commit`` values of the completed runs ("-dirty": uncommitted changes)."""
+    done = completed(runs)
+    return sorted(done["git_commit"].dropna().astype(str).unique()) if "git_commit" in done else []
+
+
 def to_markdown(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
-    """Markdown: the formatted table, the differences from the baseline (if any), then the failed or missing
-    jobs when ``runs`` has any."""
+    """Markdown: the formatted table, the differences from the baseline (if any), then, when ``runs`` is given,
+    a warning if the runs come from several code versions and the failed or missing jobs."""
     means, deltas = _headings(table)
     text = f"**{means}**\n\n{format_table(table).to_markdown()}\n"
     if (formatted := format_deltas(table)) is not None:
         text += f"\n**{deltas}**\n\n{formatted.to_markdown()}\n"
+    if runs is not None and len(versions := code_versions(runs)) > 1:
+        text += f"\n**Warning: the runs come from {len(versions)} code versions** (git_commit): {', '.join(versions)}\n"
     if runs is not None and len(failures(runs)):
         text += f"\n**Failed or missing jobs ({len(failures(runs))})**\n\n"
         text += _failure_lines(runs).to_markdown(index=False) + "\n"
