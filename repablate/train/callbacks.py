@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,17 @@ def save_atomically(obj: Any, path: Path) -> None:
         raise
 
 
+@contextmanager
+def _full_float32():
+    """TF32 off on CUDA while comparing the forms: its 10-bit mantissa would hide the fusion's own error."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class DeployCheck(Callback):
     """At the end of fit: fuse a copy of ``pl_module.model`` and prove it is the same function.
 
@@ -202,16 +214,18 @@ class DeployCheck(Callback):
             self._compare_metrics(split, pl_module.evaluate(model, loader), pl_module.evaluate(deployed, loader))
         from repablate.bench import measure_forms  # measurement is costly to import; only needed here
 
-        report = measure_forms(model, deployed, pl_module.example_input(self.measure_batch_size), **self.bench)
+        bench = {"device": pl_module.device, **self.bench}  # measured where it trained unless bench says otherwise
+        report = measure_forms(model, deployed, pl_module.example_input(self.measure_batch_size), **bench)
         self.results.update(report.as_dict())
         self._save_deploy_checkpoint(deployed, pl_module.example_input(2))
         _log_to_loggers(trainer, _scalars(self.results))
 
     def _equivalence(self, model: nn.Module, deployed: nn.Module, loader, device) -> dict[str, Any]:
         max_abs = max_rel = 0.0
-        for batch in islice(loader, self.equivalence_batches):
-            error = equivalence_error(model, deployed, batch_inputs(batch).to(device))
-            max_abs, max_rel = max(max_abs, error.max_abs), max(max_rel, error.max_rel)
+        with _full_float32():
+            for batch in islice(loader, self.equivalence_batches):
+                error = equivalence_error(model, deployed, batch_inputs(batch).to(device))
+                max_abs, max_rel = max(max_abs, error.max_abs), max(max_rel, error.max_rel)
         if not max_rel <= self.max_rel_error:
             raise DeployMismatchError(
                 f"the fused model differs from the trained one by max_rel={max_rel:.3e} (max_abs={max_abs:.3e}) on "

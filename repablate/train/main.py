@@ -12,6 +12,7 @@ import inspect
 import logging
 import secrets
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -143,6 +144,11 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     import torch
 
     from repablate.train.callbacks import RunRecorder
+
+    # metrics.csv shares the run directory with .hydra/ and main.log, which the CSV logger never deletes.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    # Step logging simply continues across epochs when an epoch has fewer steps than the logging interval.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
 
     validate(cfg)
     if config is None:
