@@ -253,8 +253,9 @@ class DeployCheck(Callback):
 
         rebuilt = instantiate(self.run_config["model"], deploy=True).to(example.device)
         load_state_dict(rebuilt, torch.load(self.checkpoint_path, map_location=example.device)["state_dict"])
-        error = equivalence_error(deployed, rebuilt, example)
-        if error.max_abs != 0:
+        with _full_float32():
+            error = equivalence_error(deployed, rebuilt, example)
+        if not error.max_rel <= 1e-6:  # same weights, same ops: equal up to a GPU's choice of conv algorithm
             raise DeployMismatchError(
                 f"{self.checkpoint_path} loaded into a deploy=True model gives outputs {error.max_abs:.3e} away "
                 "from the fused model it was saved from"
