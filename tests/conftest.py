@@ -39,4 +39,5 @@ def compose_config(tmp_path: Path):
             del cfg["hydra"]
         return cfg
 
-    return _compose
+    yield _compose
+    HydraConfig.instance().cfg = None  # no Hydra state leaks into the next test
