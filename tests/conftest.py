@@ -1,4 +1,4 @@
-"""Shared fixtures: wandb kept offline-free and inside the test's temp dir; Hydra composition of conf/."""
+"""Shared fixtures: wandb disabled and confined to the test's temp dir, torch threads restored, Hydra composition."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ def wandb_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                         "WANDB_CONFIG_DIR": str(wandb_dir), "WANDB_CACHE_DIR": str(wandb_dir)}.items():
         monkeypatch.setenv(name, value)
     return wandb_dir
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Restores torch's CPU thread count: a run sets it from the config (``threads``), for the whole process."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
