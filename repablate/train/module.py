@@ -23,8 +23,8 @@ SchedulerFactory = Callable[..., LRScheduler]
 
 
 class ClassificationModule(pl.LightningModule):
-    """Cross-entropy training with top-1 accuracy; logs ``train/loss``, ``train/loss_epoch``, ``train/acc``, ``val/loss``, ``val/acc``,
-    ``val/acc_best`` and ``test/acc``.
+    """Cross-entropy training with top-1 accuracy (torchmetrics for validation and test). Logs ``train/loss``,
+    ``train/loss_epoch``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best`` and ``test/acc``.
 
     Args:
         model: the network, images (N, in_channels, image_size, image_size) -> logits (N, num_classes).
