@@ -12,7 +12,6 @@ never fused -- and 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,21 +25,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-import repablate
 from repablate.bench import audit_ops, measure_model
 from repablate.nn import load_state_dict, reparameterize
+from repablate.paths import conf_dir
 
 
 class InspectError(Exception):
     """Bad input: a message for the user, exit status 2."""
-
-
-def conf_dir() -> Path:
-    """The repository's conf/ in a source checkout, else the copy shipped inside the package (repablate.conf)."""
-    source = Path(repablate.__file__).resolve().parent.parent / "conf"
-    if (source / "config.yaml").is_file():
-        return source
-    return Path(str(importlib.resources.files("repablate") / "conf"))
 
 
 def compose_config(overrides: list[str]) -> dict[str, Any]:

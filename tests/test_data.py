@@ -26,15 +26,6 @@ from repablate.data import (
 from repablate.data.vision import channel_stats, random_crop_flip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops run fastest on one thread, and CI runs two test workers on two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
     module = DigitsDataModule(batch_size=64, seed=3)

@@ -16,15 +16,6 @@ from repablate.models import article_init, default_init, small
 from repablate.nn import Conv, RepConv, reparameterize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops run fastest on one thread, and CI runs two test workers on two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sample_std_tolerance(n: int) -> float:
     # The sample std of n normal draws has relative standard error ~ 1 / sqrt(2n); 6 of those is a ~1e-9 miss.
     return 6 / math.sqrt(2 * n)

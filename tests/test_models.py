@@ -15,15 +15,6 @@ from repablate.models import RepVGGClassifier, repconv_relu, repvgg_a0, repvgg_a
 from repablate.nn import Conv, RepConv, equivalence_error, is_deployed, load_state_dict, reparameterize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensor ops run fastest on one thread, and CI runs two test workers on two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

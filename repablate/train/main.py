@@ -7,7 +7,6 @@ Heavy imports (torch, lightning, wandb) happen inside ``run`` so that ``--cfg jo
 
 from __future__ import annotations
 
-import importlib.resources
 import inspect
 import logging
 import secrets
@@ -25,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import repablate
+from repablate.paths import conf_dir
 from repablate.train.results import RESULTS_FILE, flatten, git_commit, write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -34,14 +34,6 @@ DATA_SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before training starts."""
-
-
-def conf_dir() -> Path:
-    """conf/ of a checkout or editable install, else the copy shipped in the package (repablate.conf)."""
-    checkout = Path(repablate.__file__).resolve().parent.parent / "conf"
-    if (checkout / "config.yaml").is_file():
-        return checkout
-    return Path(str(importlib.resources.files("repablate") / "conf"))
 
 
 def register_resolvers() -> None:
