@@ -84,11 +84,23 @@ def test_loss_decreases_on_a_fixed_batch():
     targets = torch.tensor([[0, 0, 20, 20, 16, 20], [0, 2, 44, 40, 24, 18], [1, 1, 32, 32, 30, 30]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(6):
+    for _ in range(10):
         total, _ = loss(model(images), targets)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
         losses.append(total.item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Measured on 1 and 2 threads, seeds 0 and 1: the 10th loss is 0.74-0.75 of the first.
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_tiny_predicted_boxes_keep_finite_gradients():
+    # Width/height logits of -30 decode to boxes ~1e-26 cells wide: their x2 - x1 rounds to 0 in float32.
+    raw = [torch.zeros(1, 3, 64 // s, 64 // s, 8, requires_grad=True) for s in STRIDES]
+    with torch.no_grad():
+        for level in raw:
+            level[..., 2:4] = -30.0
+    total, _ = _loss()(raw, torch.tensor([[0, 0, 21.0, 19.0, 12.0, 14.0]]))
+    total.backward()
+    assert torch.isfinite(total) and all(torch.isfinite(level.grad).all() for level in raw)

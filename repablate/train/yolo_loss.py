@@ -93,7 +93,9 @@ class YoloLoss:
             if len(b):
                 matched = prediction[b, a, gy, gx]
                 xy = matched[:, :2].sigmoid() * 2 - 0.5
-                wh = (matched[:, 2:4].sigmoid() * 2) ** 2 * anchors
+                # torchvision's CIoU divides by the box height; a box far below a cell loses its height to rounding
+                # (x2 - x1 == 0) and its gradient turns NaN, so sizes stop at 1e-4 cells.
+                wh = ((matched[:, 2:4].sigmoid() * 2) ** 2 * anchors).clamp(min=1e-4)
                 ciou_loss = complete_box_iou_loss(
                     _cxcywh_to_xyxy(torch.cat((xy, wh), 1)), _cxcywh_to_xyxy(box), reduction="none"
                 )
