@@ -180,7 +180,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         record.update(flatten(config))
         record["task"] = record["task"] or config["task"]["module"]["_target_"].rsplit(".", 1)[-1]
-        validate(cfg)
         import torch
 
         record["torch_version"] = torch.__version__
