@@ -4,6 +4,7 @@ Each exposes ``num_classes``, ``in_channels`` and ``image_size`` and takes ``bat
 lives in memory as tensors and is served a batch at a time (see ``repablate.data.tensors``).
 """
 
+from repablate.data.detection import ShapesDetectDataModule, YoloDataModule
 from repablate.data.digits import DigitsDataModule
 from repablate.data.shapes import SHAPES, ShapesDataModule, render_shapes
 from repablate.data.tensors import InMemoryDataModule, SeededBatchSampler, TensorBatches, batch_loader
@@ -17,7 +18,9 @@ __all__ = [
     "InMemoryDataModule",
     "SeededBatchSampler",
     "ShapesDataModule",
+    "ShapesDetectDataModule",
     "TensorBatches",
+    "YoloDataModule",
     "batch_loader",
     "render_shapes",
 ]

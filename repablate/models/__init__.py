@@ -9,9 +9,11 @@ from repablate.models.classifier import (
     small,
 )
 from repablate.models.init import article_init, default_init
+from repablate.models.yolov7_tiny import YOLOv7Tiny
 
 __all__ = [
     "RepVGGClassifier",
+    "YOLOv7Tiny",
     "article_init",
     "default_init",
     "repconv_relu",

@@ -18,6 +18,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import batched_nms, box_convert
 
+from repablate.train.schedules import configure_optimization
 from repablate.train.yolo_loss import YoloLoss
 
 OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
@@ -156,12 +157,5 @@ class DetectionModule(pl.LightningModule):
         decay, no_decay = [], []
         for name, parameter in self.model.named_parameters():
             (decay if parameter.ndim > 1 and "implicit" not in name else no_decay).append(parameter)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        for group in optimizer.param_groups:
-            group["lr"] *= self.lr_scale
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return configure_optimization(self, groups, self.optimizer_factory, self.scheduler_factory, self.lr_scale)

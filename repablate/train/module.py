@@ -18,6 +18,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from repablate.train.schedules import configure_optimization
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
 
@@ -120,12 +122,5 @@ class ClassificationModule(pl.LightningModule):
         return torch.randn(batch_size, self.in_channels, self.image_size, self.image_size, device=self.device)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        for group in optimizer.param_groups:  # before any scheduler, which records the lr it starts from
-            group["lr"] *= self.lr_scale
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, self.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                      self.lr_scale)

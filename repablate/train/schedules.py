@@ -38,3 +38,17 @@ def warmup_schedule(
         return after
     warmup = LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, after], milestones=[warmup_steps])
+
+
+def configure_optimization(module, params, optimizer_factory, scheduler_factory, lr_scale: float = 1.0):
+    """What a LightningModule's ``configure_optimizers`` returns: the optimizer over ``params`` (parameters or
+    param groups) with its learning rates scaled by ``lr_scale``, and the per-step schedule if there is one."""
+    optimizer = optimizer_factory(params)
+    for group in optimizer.param_groups:  # before any scheduler, which records the lr it starts from
+        group["lr"] *= lr_scale
+    if scheduler_factory is None:
+        return optimizer
+    total_steps = int(module.trainer.estimated_stepping_batches)
+    steps_per_epoch = total_steps / max(1, module.trainer.max_epochs or 1)
+    scheduler = scheduler_factory(optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
