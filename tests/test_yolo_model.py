@@ -49,8 +49,8 @@ def official_640():
 def test_official_figures_at_640(official_640):
     model, _, _, flops = official_640
     params = sum(p.numel() for p in model.parameters())
-    assert round(params / 1e6, 2) == 6.23, params  # the official (and the article's) 6.23M
-    assert round(flops / 1e9, 1) == 13.7, flops  # 2 FLOPs per multiply-add, as YOLOv7 reports
+    assert params == 6_228_762  # the official (and the article's) 6.23M
+    assert round(flops / 1e9, 2) == 13.70, flops  # 2 FLOPs per multiply-add, as YOLOv7 reports
 
 
 def test_output_shapes_and_strides_at_640(official_640):

@@ -50,8 +50,9 @@ def validate(cfg: DictConfig) -> None:
     if not (isinstance(cfg.lr_scale, (int, float)) and cfg.lr_scale > 0):
         raise ConfigError(f"lr_scale={cfg.lr_scale!r} is not allowed: it must be a positive number")
     epochs = cfg.trainer.get("max_epochs")
-    if epochs is not None and not (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)):
-        raise ConfigError(f"trainer.max_epochs={epochs!r} is not allowed: use a positive integer (or -1: no limit)")
+    # -1 (Lightning's "no limit") is refused: the per-step learning-rate schedule needs a known number of steps.
+    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+        raise ConfigError(f"trainer.max_epochs={epochs!r} is not allowed: use a positive integer")
     threads = cfg.get("threads")
     if threads is not None and not (isinstance(threads, int) and threads >= 1):
         raise ConfigError(f"threads={threads!r} is not allowed: use a positive integer, or null for torch's default")
