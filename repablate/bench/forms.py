@@ -178,64 +178,23 @@ def measure_models(
     return costs, settings
 
 
-def measure_model(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    channels_last: bool = False,
-    compile: bool = False,
-    threads: int | None = None,
-    warmup: int = 10,
-    min_run_time: float = 0.2,
-    rounds: int = 1,
-    latency: bool = True,
-) -> dict[str, Any]:
-    """Flat record of one model: params, flops, mem_bytes, latency_ms, ... plus ``bench/*`` (see measure_models)."""
-    costs, used = measure_models(
-        {"model": model},
-        example_input,
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        compile=compile,
-        threads=threads,
-        warmup=warmup,
-        min_run_time=min_run_time,
-        rounds=rounds,
-        latency=latency,
-    )
+def measure_model(model: nn.Module, example_input: torch.Tensor, **settings: Any) -> dict[str, Any]:
+    """Flat record of one model: params, flops, mem_bytes, latency_ms, ... plus ``bench/*``.
+
+    ``settings`` are ``measure_models``'s keywords (device, dtype, channels_last, compile, threads, warmup,
+    min_run_time, rounds, latency); an unknown one is a TypeError.
+    """
+    costs, used = measure_models({"model": model}, example_input, **settings)
     return {**costs["model"].as_dict(), **used.as_dict()}
 
 
 def measure_forms(
-    train_model: nn.Module,
-    deploy_model: nn.Module,
-    example_input: torch.Tensor,
-    *,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    channels_last: bool = False,
-    compile: bool = False,
-    threads: int | None = None,
-    warmup: int = 10,
-    min_run_time: float = 0.2,
-    rounds: int = 1,
-    latency: bool = True,
+    train_model: nn.Module, deploy_model: nn.Module, example_input: torch.Tensor, **settings: Any
 ) -> FormsReport:
-    """Measure a training-form model and its deployed form together, latencies interleaved (see measure_models)."""
-    costs, used = measure_models(
-        {"train": train_model, "deploy": deploy_model},
-        example_input,
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        compile=compile,
-        threads=threads,
-        warmup=warmup,
-        min_run_time=min_run_time,
-        rounds=rounds,
-        latency=latency,
-    )
+    """Measure a training-form model and its deployed form together, latencies interleaved.
+
+    ``settings`` are ``measure_models``'s keywords (device, dtype, channels_last, compile, threads, warmup,
+    min_run_time, rounds, latency); an unknown one is a TypeError.
+    """
+    costs, used = measure_models({"train": train_model, "deploy": deploy_model}, example_input, **settings)
     return FormsReport(train=costs["train"], deploy=costs["deploy"], settings=used)
