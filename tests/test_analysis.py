@@ -30,6 +30,7 @@ from repablate.analysis import (
     group_labels,
     load_branch_gradients,
     save_figure,
+    status_counts,
     summarize,
     tidy,
     to_latex,
@@ -149,6 +150,110 @@ def test_collect_rejects_empty_or_absent_dirs(tmp_path):
         collect_runs(tmp_path / "nope")
 
 
+def write_job(run_dir: Path, results: dict | str | None, overrides: list[str] | None = None) -> Path:
+    """A hand-built job directory: results.json (a record, raw text, or None for a killed job that wrote none)
+    and, given ``overrides``, Hydra's .hydra/overrides.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (run_dir / "results.json").write_text(results if isinstance(results, str) else json.dumps(results))
+    return run_dir
+
+
+def test_results_without_status_or_variant_are_invalid_not_dropped(tmp_path):
+    write_job(tmp_path / "0", {"status": "completed", "variant": "plain", "seed": 0, ACC: 0.9})
+    write_job(tmp_path / "1", {"variant": "plain", "seed": 1, ACC: 0.1})
+    write_job(tmp_path / "2", {"status": "completed", "seed": 2, ACC: 0.5}, ["+variant=repconv", "seed=2"])
+    write_job(tmp_path / "3", {"status": "running", "variant": "plain", "seed": 3, ACC: 0.5})
+    runs = collect_runs(tmp_path)
+    by_dir = runs.set_index("run_dir")
+    errors = {Path(d).name: e for d, e in by_dir["error"].items()}
+    assert by_dir["status"].tolist() == ["completed", "invalid", "invalid", "invalid"]
+    assert errors["1"] == "invalid results.json: no 'status' field"
+    assert errors["2"] == "invalid results.json: a completed run with no 'variant' field"
+    assert errors["3"].startswith("invalid results.json: unknown status 'running' (expected one of completed, failed")
+    assert by_dir.loc[str(tmp_path / "2"), "variant"] == "repconv"  # which job it was, from its overrides
+    table = ablation_table(runs, metrics=[ACC])
+    assert list(table.index) == ["plain"]  # no row named "nan"
+    assert table.loc["plain", (ACC, "mean")] == 0.9  # and nothing of the invalid runs averaged in
+    assert status_counts(runs) == {"completed": 1, "invalid": 3}
+    markdown = to_markdown(table, runs)
+    assert "**Failed or missing jobs (3)**" in markdown and "*invalid (3)*" in markdown
+    assert all(error in markdown for error in errors.values() if error == error)
+
+
+def test_diverged_and_interrupted_runs_are_listed_never_averaged(tmp_path):
+    write_job(tmp_path / "0", {"status": "completed", "variant": "plain", "seed": 0, ACC: 0.9})
+    write_job(tmp_path / "1", {"status": "completed", "variant": "plain", "seed": 1, ACC: 0.8})
+    write_job(tmp_path / "2", {"status": "diverged", "variant": "plain", "seed": 2, ACC: 0.1, "diverged_at_step": 37,
+                               "error": "FloatingPointError: non-finite loss"})
+    write_job(tmp_path / "3", {"status": "interrupted", "variant": "plain", "seed": 3, ACC: 0.2, "error": "SIGTERM"})
+    runs = collect_runs(tmp_path)
+    table = ablation_table(runs, metrics=[ACC])
+    assert table.loc["plain", (ACC, "n")] == 2 and table.loc["plain", (ACC, "mean")] == pytest.approx(0.85)
+    left_out = failures(runs).set_index("status")
+    assert list(left_out.index) == ["diverged", "interrupted"] and left_out.loc["diverged", "diverged_at_step"] == 37
+    assert status_counts(runs) == {"completed": 2, "diverged": 1, "interrupted": 1}
+    markdown = to_markdown(table, runs)
+    assert "**Failed or missing jobs (2)**: 1 diverged, 1 interrupted" in markdown
+    assert "*diverged (1)*" in markdown and "at step 37: FloatingPointError: non-finite loss" in markdown
+    assert "*interrupted (1)*" in markdown and "SIGTERM" in markdown
+    done = run_cli(str(tmp_path), "--metrics", ACC, "--out", str(tmp_path / "out"), "--no-figures")
+    assert done.returncode == 0, done.stderr
+    assert "2 completed, 2 failed or missing (1 diverged, 1 interrupted)" in done.stdout
+    assert "at step 37" in done.stdout and "*interrupted (1)*" in done.stdout
+    assert pd.read_csv(tmp_path / "out" / "failures.csv")["status"].tolist() == ["diverged", "interrupted"]
+
+
+def write_sweep_jobs(sweep_dir: Path, jobs: list[list[str]]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    listing = {"jobs": [{"num": number, "overrides": overrides} for number, overrides in enumerate(jobs)]}
+    (sweep_dir / "sweep_jobs.json").write_text(json.dumps(listing))
+
+
+SWEEP_JOBS = [[f"+variant={v}", f"seed={s}", "trainer.max_epochs=1"] for v in ("plain", "repconv") for s in (0, 1)]
+
+
+def test_jobs_a_killed_sweep_never_started_are_missing_rows(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_sweep_jobs(sweep, SWEEP_JOBS)
+    write_job(sweep / "0_plain_s0", {"status": "completed", "variant": "plain", "seed": 0, ACC: 0.9}, SWEEP_JOBS[0])
+    write_job(sweep / "1_plain_s1", None, SWEEP_JOBS[1])  # started, killed before it wrote results.json
+    runs = collect_runs(sweep)
+    assert len(runs) == 4 and (runs["status"] == "missing").sum() == 3
+    never = runs[runs["error"] == "never started: the sweep stopped before this job"]
+    assert never[["variant", "seed", "job"]].values.tolist() == [["repconv", 0, 2], ["repconv", 1, 3]]
+    assert set(never["run_dir"]) == {str(sweep)}  # the sweep that should have run them
+    assert never["overrides"].tolist() == [" ".join(SWEEP_JOBS[2]), " ".join(SWEEP_JOBS[3])]
+    killed = runs[runs["run_dir"] == str(sweep / "1_plain_s1")]
+    assert killed["error"].str.startswith("no results.json").all()  # matched to its job, not listed twice
+    markdown = to_markdown(ablation_table(runs, metrics=[ACC]), runs)
+    assert "**Failed or missing jobs (3)**: 3 missing" in markdown and "never started" in markdown
+
+
+def test_never_started_jobs_are_matched_within_their_own_sweep(tmp_path):
+    """multirun/<name> pools several sweeps of the same jobs: each sweep's listing answers for its own jobs."""
+    for name, ran in (("a", 4), ("b", 1)):
+        write_sweep_jobs(tmp_path / name, SWEEP_JOBS)
+        for number, overrides in enumerate(SWEEP_JOBS[:ran]):
+            variant, seed = overrides[0].split("=")[1], int(overrides[1].split("=")[1])
+            record = {"status": "completed", "variant": variant, "seed": seed, ACC: 0.5}
+            write_job(tmp_path / name / f"{number}", record, overrides)
+    runs = collect_runs(tmp_path)
+    missing = runs[runs["status"] == "missing"]
+    assert len(runs) == 8 and set(missing["run_dir"]) == {str(tmp_path / "b")} and len(missing) == 3
+
+
+def test_an_unreadable_sweep_jobs_listing_is_reported(tmp_path):
+    (tmp_path / "sweep_jobs.json").write_text('{"jobs": [{"num": 0')
+    write_job(tmp_path / "0", {"status": "completed", "variant": "plain", "seed": 0, ACC: 0.9})
+    runs = collect_runs(tmp_path).set_index("status")
+    assert runs.loc["invalid", "error"].startswith("unreadable sweep_jobs.json")
+    assert runs.loc["invalid", "run_dir"] == str(tmp_path)
+
+
 def test_tidy_has_one_row_per_run_and_metric(sweep):
     runs = collect_runs(sweep)
     long = tidy(runs, [ACC, "deploy_form/latency_ms", "not/a/metric"])
@@ -200,7 +305,9 @@ def test_table_groups_by_any_config_keys(sweep):
     runs = collect_runs(sweep)
     table = ablation_table(runs, metrics=[ACC], by=["variant", "seed"], baseline="plain,0")
     assert table.index[0] == "plain,0" and len(table) == 9 and (table[(ACC, "n")] == 1).all()
-    by_lr = ablation_table(runs, metrics=[ACC], by=["optimizer.lr"])
+    with pytest.raises(ValueError, match="variant = plain"):  # one row per lr would average the variants
+        ablation_table(runs, metrics=[ACC], by=["optimizer.lr"])
+    by_lr = ablation_table(runs, metrics=[ACC], by=["optimizer.lr"], pool=["variant"])
     assert by_lr[(ACC, "n")].tolist() == [9]
 
 
@@ -307,7 +414,8 @@ def test_cli_writes_tables_and_figures(sweep, tmp_path):
     out = tmp_path / "out"
     done = run_cli(str(sweep), "--baseline", "plain", "--out", str(out))
     assert done.returncode == 0, done.stderr
-    assert "9 completed, 2 failed or missing" in done.stdout and "synthetic failure" in done.stdout
+    assert "9 completed, 2 failed or missing (1 failed, 1 missing)" in done.stdout
+    assert "synthetic failure" in done.stdout
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert files == {"table.md", "table.tex", "table.csv", "runs.csv", "failures.csv", "figures/accuracy_vs_latency.png",
                      "figures/forms_flops_latency.png", "figures/branch_gradients.png"}

@@ -2,11 +2,12 @@
 
     runs = collect_runs("multirun/article")            # or collect_wandb("entity/project", group="article")
     table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns
-    print(to_markdown(table, runs))                     # failed or missing jobs listed under the table
+    print(to_markdown(table, runs))                     # runs left out (failed, diverged, ...) listed by status
     write_report(runs, "out/", baseline="plain")        # table.{md,tex,csv}, runs.csv, failures.csv, figures/
 """
 
 from repablate.analysis.collect import (
+    STATUSES,
     collect_runs,
     collect_wandb,
     completed,
@@ -15,9 +16,11 @@ from repablate.analysis.collect import (
     load_branch_gradients,
     read_run,
     resolve_column,
+    status_counts,
     tidy,
 )
 from repablate.analysis.figures import accuracy_vs_latency, branch_gradient_shares, forms_comparison, save_figure
+from repablate.analysis.pooling import BOOKKEEPING_KEYS, PoolingError, check_pooling, group_labels, is_bookkeeping
 from repablate.analysis.report import Report, sweep_settings, write_report
 from repablate.analysis.stats import Comparison, Summary, compare, summarize
 from repablate.analysis.tables import (
@@ -26,23 +29,27 @@ from repablate.analysis.tables import (
     code_versions,
     default_metrics,
     export_table,
+    failures_markdown,
     flat_columns,
     format_deltas,
     format_table,
-    group_labels,
     to_latex,
     to_markdown,
 )
 from repablate.analysis.wandb_log import log_analysis
 
 __all__ = [
+    "BOOKKEEPING_KEYS",
     "DEFAULT_METRICS",
+    "STATUSES",
     "Comparison",
+    "PoolingError",
     "Report",
     "Summary",
     "ablation_table",
     "accuracy_vs_latency",
     "branch_gradient_shares",
+    "check_pooling",
     "collect_runs",
     "code_versions",
     "collect_wandb",
@@ -51,17 +58,20 @@ __all__ = [
     "default_metrics",
     "export_table",
     "failures",
+    "failures_markdown",
     "find_run_dirs",
     "flat_columns",
     "format_deltas",
     "format_table",
     "forms_comparison",
     "group_labels",
+    "is_bookkeeping",
     "load_branch_gradients",
     "log_analysis",
     "read_run",
     "resolve_column",
     "save_figure",
+    "status_counts",
     "summarize",
     "sweep_settings",
     "tidy",

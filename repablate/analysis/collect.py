@@ -1,8 +1,11 @@
 """Collect runs into one DataFrame: from run directories (results.json) or from a wandb project.
 
-One row per run, one column per results.json key (``config/<key>`` columns included), plus ``status``
-("completed", "failed" or "missing"), ``error``, ``run_dir`` and ``overrides``. A job directory that Hydra
-created but that holds no results.json (a killed job) is a "missing" row, so failures are reported, not lost.
+One row per run, one column per results.json key (``config/<key>`` columns included), plus ``status``, ``error``,
+``run_dir`` and ``overrides``. Runs write the status "completed", "failed", "diverged" (non-finite loss or weights;
+``diverged_at_step``) or "interrupted" (SIGINT/SIGTERM). The analysis adds "missing": a job directory Hydra created
+that holds no readable results.json (a killed job), or a job the sweep listed in ``sweep_jobs.json`` but never
+started; and "invalid": a results.json that breaks this contract (no status, an unknown one, or a completed run that
+names no variant). Only completed runs enter the statistics; every other row is reported, never dropped.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +23,35 @@ import yaml
 
 RESULTS_FILE = "results.json"
 GRADIENTS_FILE = "branch_gradients.csv"
+# Written by the multirun when it starts: every job it was going to run, with its Hydra overrides.
+SWEEP_JOBS_FILE = "sweep_jobs.json"
+NEVER_STARTED = "never started: the sweep stopped before this job"
+RUN_STATUSES = ("completed", "failed", "diverged", "interrupted")  # what a run writes
+STATUSES = (*RUN_STATUSES, "missing", "invalid")  # and what the analysis adds; the order of the failure listing
 # Directories inside a run that never hold another run: not worth walking on a big sweep.
 _NOT_RUNS = {"checkpoints", "wandb", ".hydra", "csv", "lightning_logs", "analysis", "__pycache__"}
 # wandb run states and the results.json status each one means.
 _WANDB_STATUS = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed"}
 
 
-def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
-    """Every directory under ``sweep_dir`` (itself included) that holds a results.json or a Hydra ``.hydra/``."""
+def _scan(sweep_dir: str | Path) -> tuple[list[Path], list[Path]]:
+    """The run directories and the sweep_jobs.json files under ``sweep_dir``, in one walk of the tree."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {str(sweep_dir)!r} does not exist or is not a directory")
-    found = []
+    run_dirs, job_listings = [], []
     for root, dirs, files in os.walk(sweep_dir):
         if RESULTS_FILE in files or ".hydra" in dirs:
-            found.append(Path(root))
+            run_dirs.append(Path(root))
+        if SWEEP_JOBS_FILE in files:
+            job_listings.append(Path(root) / SWEEP_JOBS_FILE)
         dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS)
-    return sorted(found)
+    return sorted(run_dirs), sorted(job_listings)
+
+
+def find_run_dirs(sweep_dir: str | Path) -> list[Path]:
+    """Every directory under ``sweep_dir`` (itself included) that holds a results.json or a Hydra ``.hydra/``."""
+    return _scan(sweep_dir)[0]
 
 
 def _cell(value: Any) -> Any:
@@ -54,12 +70,12 @@ def _read_overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in (yaml.safe_load(path.read_text()) or [])]
 
 
-def _identity_of_missing(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+def _identity_of_missing(run_dir: Path | None, overrides: list[str]) -> dict[str, Any]:
     """variant and seed of a job that left no results: from the config Hydra saved when the job started, else
-    from its overrides."""
+    from its overrides (all there is of a job that never started: ``run_dir`` None)."""
     record: dict[str, Any] = {}
-    saved = run_dir / ".hydra" / "config.yaml"
-    if saved.is_file():
+    saved = run_dir / ".hydra" / "config.yaml" if run_dir is not None else None
+    if saved is not None and saved.is_file():
         config = yaml.safe_load(saved.read_text()) or {}
         record.update({k: config[k] for k in ("variant", "seed") if isinstance(config.get(k), (str, int))})
     for override in overrides:
@@ -85,16 +101,67 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         record = {"status": "missing", "error": f"unreadable results.json: {err}"}
         record.update(_identity_of_missing(run_dir, overrides))
     else:
-        record = {key: _cell(value) for key, value in raw.items()}
-        record.setdefault("status", "completed")
+        record = _checked({key: _cell(value) for key, value in raw.items()}, "results.json")
+        if record["status"] == "invalid":  # name the job all the same, from what Hydra saved of it
+            for key, value in _identity_of_missing(run_dir, overrides).items():
+                if _absent(record.get(key)):
+                    record[key] = value
     record["run_dir"] = str(run_dir)  # where it is now, even if the sweep was moved since
     record["overrides"] = " ".join(overrides)
     return record
 
 
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value == ""
+
+
+def _checked(record: dict[str, Any], source: str) -> dict[str, Any]:
+    """``record`` as is when it keeps the results contract; else marked "invalid", with an error naming the breach,
+    so that it is listed with the failures instead of counting as completed or becoming a row named "nan"."""
+    status = record.get("status")
+    if _absent(status):
+        breach = "no 'status' field"
+    elif status not in RUN_STATUSES:
+        breach = f"unknown status {status!r} (expected one of {', '.join(RUN_STATUSES)})"
+    elif status == "completed" and _absent(record.get("variant")):
+        breach = "a completed run with no 'variant' field"
+    else:
+        return record
+    error = f"invalid {source}: {breach}"
+    if isinstance(record.get("error"), str) and record["error"].strip():
+        error += f"; its error: {record['error']}"
+    return {**record, "status": "invalid", "error": error}
+
+
+def _never_started(listing: Path, run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """A "missing" record for each job of ``listing`` (a sweep_jobs.json) that no run directory of its sweep
+    answers for, matched on the exact list of overrides; an "invalid" record when the listing cannot be read."""
+    sweep_dir = listing.parent
+    try:
+        jobs = json.loads(listing.read_text(encoding="utf-8"))["jobs"]
+        jobs = [(job["num"], [str(o) for o in job["overrides"]]) for job in jobs]
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        return [{"status": "invalid", "error": f"unreadable {SWEEP_JOBS_FILE}: {type(err).__name__}: {err}",
+                 "run_dir": str(sweep_dir), "overrides": ""}]
+    # A Counter, not a set: two jobs with the same overrides need two run directories.
+    started = Counter(tuple(_read_overrides(d)) for d in run_dirs if sweep_dir in d.parents)
+    records = []
+    for number, overrides in jobs:
+        if started[tuple(overrides)] > 0:
+            started[tuple(overrides)] -= 1
+            continue
+        records.append({"status": "missing", "error": NEVER_STARTED, **_identity_of_missing(None, overrides),
+                        "run_dir": str(sweep_dir), "overrides": " ".join(overrides), "job": number})
+    return records
+
+
 def collect_runs(sweep_dir: str | Path) -> pd.DataFrame:
-    """All runs under ``sweep_dir`` as a DataFrame, one row per run (see the module docstring for columns)."""
-    records = [read_run(run_dir) for run_dir in find_run_dirs(sweep_dir)]
+    """All runs under ``sweep_dir`` as a DataFrame, one row per run (see the module docstring for columns), and
+    one "missing" row per job that a sweep_jobs.json lists but that never started (its ``job`` number set)."""
+    run_dirs, job_listings = _scan(sweep_dir)
+    records = [read_run(run_dir) for run_dir in run_dirs]
+    for listing in job_listings:
+        records += _never_started(listing, run_dirs)
     if not records:
         raise FileNotFoundError(f"no runs (results.json or .hydra/) under {str(sweep_dir)!r}")
     return _frame(records)
@@ -149,7 +216,7 @@ def _wandb_record(run: Any) -> dict[str, Any]:
     record["run_dir"] = "/".join(run.path)
     record.setdefault("variant", record.get("config/variant", math.nan))
     record.setdefault("seed", record.get("config/seed", math.nan))
-    return record
+    return record if record["status"] == "missing" else _checked(record, "wandb run")
 
 
 def resolve_column(runs: pd.DataFrame, name: str) -> str:
@@ -168,14 +235,37 @@ def completed(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["status"] == "completed"]
 
 
+def _status_order(status: str) -> int:
+    return STATUSES.index(status) if status in STATUSES else len(STATUSES)
+
+
 def failures(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that failed or left no results, with their errors."""
-    columns = [c for c in ("status", "variant", "seed", "run_dir", "overrides", "error") if c in runs]
-    return runs.loc[runs["status"] != "completed", columns]
+    """Every run left out of the statistics (failed, diverged, interrupted, missing, invalid), grouped by status
+    in that order, with its error and, for a diverged run, ``diverged_at_step``."""
+    columns = ("status", "variant", "seed", "run_dir", "overrides", "diverged_at_step", "error")
+    left_out = runs.loc[runs["status"] != "completed", [c for c in columns if c in runs]]
+    return left_out.sort_values("status", key=lambda status: status.map(_status_order), kind="stable")
 
 
-def load_branch_gradients(runs: pd.DataFrame, keys: Iterable[str] = ("variant", "seed")) -> pd.DataFrame:
-    """The branch_gradients.csv of every completed run, concatenated, tagged with ``keys`` and ``run_dir``."""
+def status_counts(runs: pd.DataFrame) -> dict[str, int]:
+    """How many runs have each status, in the order of :data:`STATUSES` (statuses with no run left out)."""
+    counts = runs["status"].value_counts()
+    return {str(s): int(counts[s]) for s in sorted(counts.index, key=_status_order)}
+
+
+def load_branch_gradients(runs: pd.DataFrame, keys: Iterable[str] = ("variant", "seed"),
+                          pool: Sequence[str] | bool = ()) -> pd.DataFrame:
+    """The branch_gradients.csv of every completed run, concatenated, tagged with ``keys`` and ``run_dir``.
+
+    Its figure (and anyone summarizing it by tag) averages the runs that share the ``keys`` other than the seed,
+    so those must be replicates of one configuration: as in the ablation table, anything else raises
+    :class:`~repablate.analysis.pooling.PoolingError` unless ``pool`` names the keys that may differ.
+    """
+    from repablate.analysis.pooling import check_pooling  # here: pooling builds on this module
+
+    keys = list(keys)
+    # Grouped by the tags it has (a tag the runs lack is NaN for all: it groups nothing apart).
+    check_pooling(runs, [k for k in keys if k in runs and k.removeprefix("config/") != "seed"], pool)
     frames = []
     for _, run in completed(runs).iterrows():
         path = Path(run["run_dir"]) / GRADIENTS_FILE

@@ -1,5 +1,9 @@
 """Seaborn figures of a sweep. Each function returns a matplotlib ``Figure`` built without pyplot, so nothing
-depends on an interactive backend and figures render to files (Agg) anywhere; notebooks display them as is."""
+depends on an interactive backend and figures render to files (Agg) anywhere; notebooks display them as is.
+
+Figures of runs group them as the ablation table does: ``by`` one or several keys, labels joined by commas, and
+runs of different configurations in one group refused unless ``pool`` names what may differ
+(:func:`repablate.analysis.pooling.check_pooling`)."""
 
 from __future__ import annotations
 
@@ -11,20 +15,27 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from repablate.analysis._io import write_atomic
-from repablate.analysis.collect import completed
+from repablate.analysis.collect import completed, resolve_column
+from repablate.analysis.pooling import check_pooling, group_labels
 
 ACCURACY_METRICS = ("deploy_form/test/acc", "deploy_form/val/acc", "val/acc_best", "deploy_form/test/map50", "deploy_form/val/map50")
 FORMS = ("train_form", "deploy_form")
 
 
-def _numeric(runs: pd.DataFrame, columns: Sequence[str], by: str) -> pd.DataFrame:
-    missing = [c for c in (by, *columns) if c not in runs]
+def _numeric(runs: pd.DataFrame, columns: Sequence[str], by: str | Sequence[str],
+             pool: Sequence[str] | bool) -> tuple[pd.DataFrame, str]:
+    """The completed runs' ``columns`` as numbers and their group label, in a column named after the ``by`` keys
+    (returned with the frame), once :func:`check_pooling` has accepted the groups."""
+    keys = [by] if isinstance(by, str) else list(by)
+    missing = [c for c in columns if c not in runs]
     if missing:
         raise ValueError(f"the runs have no column(s) {missing}; cannot draw this figure")
-    frame = completed(runs)[[by, *columns]].copy()
-    frame[list(columns)] = frame[list(columns)].apply(pd.to_numeric, errors="coerce")
-    frame[by] = frame[by].astype(str)
-    return frame.dropna(subset=list(columns))
+    group = ",".join(resolve_column(runs, k).removeprefix("config/") for k in keys)
+    check_pooling(runs, keys, pool)
+    done = completed(runs)
+    frame = done[list(columns)].apply(pd.to_numeric, errors="coerce")
+    frame[group] = group_labels(done, keys)
+    return frame.dropna(subset=list(columns)), group
 
 
 def pick_accuracy(runs: pd.DataFrame) -> str:
@@ -37,12 +48,16 @@ def pick_accuracy(runs: pd.DataFrame) -> str:
 
 
 def accuracy_vs_latency(
-    runs: pd.DataFrame, accuracy: str | None = None, latency: str = "deploy_form/latency_ms", by: str = "variant"
+    runs: pd.DataFrame,
+    accuracy: str | None = None,
+    latency: str = "deploy_form/latency_ms",
+    by: str | Sequence[str] = "variant",
+    pool: Sequence[str] | bool = (),
 ) -> Figure:
     """Accuracy against deployed latency: each run as a faint point, each group's mean with ±1 std error bars
-    on both axes."""
+    on both axes. Groups as the ablation table's rows (``by``, ``pool``: see the module docstring)."""
     accuracy = accuracy or pick_accuracy(runs)
-    data = _numeric(runs, [latency, accuracy], by)
+    data, by = _numeric(runs, [latency, accuracy], by, pool)
     order = sorted(data[by].unique())
     palette = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
     fig = Figure(figsize=(6, 4.5), layout="constrained")
@@ -58,11 +73,13 @@ def accuracy_vs_latency(
     return fig
 
 
-def forms_comparison(runs: pd.DataFrame, metrics: Sequence[str] = ("flops", "latency_ms"), by: str = "variant") -> Figure:
+def forms_comparison(runs: pd.DataFrame, metrics: Sequence[str] = ("flops", "latency_ms"),
+                     by: str | Sequence[str] = "variant", pool: Sequence[str] | bool = ()) -> Figure:
     """Training form against deployed form, per group: one panel per metric (e.g. FLOPs, latency), bars are
-    means with ±1 std error bars."""
+    means with ±1 std error bars. Groups as the ablation table's rows (``by``, ``pool``: see the module docstring)."""
     columns = [f"{form}/{m}" for m in metrics for form in FORMS]
-    data = _numeric(runs, columns, by).melt(id_vars=[by], value_vars=columns, var_name="column", value_name="value")
+    data, by = _numeric(runs, columns, by, pool)
+    data = data.melt(id_vars=[by], value_vars=columns, var_name="column", value_name="value")
     data[["form", "metric"]] = data["column"].str.split("/", n=1, expand=True)
     fig = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]

@@ -12,7 +12,8 @@ import pandas as pd
 
 from repablate.analysis import figures as fig
 from repablate.analysis.collect import completed, failures, load_branch_gradients
-from repablate.analysis.tables import ablation_table, export_table, group_labels
+from repablate.analysis.pooling import group_labels
+from repablate.analysis.tables import ablation_table, export_table
 
 
 def sweep_settings(runs: pd.DataFrame) -> dict[str, Any]:
@@ -45,24 +46,29 @@ def write_report(
     confidence: float = 0.95,
     figure_format: str = "png",
     draw_figures: bool = True,
+    pool: Sequence[str] | bool = (),
 ) -> Report:
     """Build the ablation table from ``runs`` and write it (md, tex, csv), ``runs.csv``, ``failures.csv`` and
-    the figures into ``out_dir``. A figure whose data the runs lack is skipped and named in ``skipped``."""
+    the figures into ``out_dir``. A figure whose data the runs lack is skipped and named in ``skipped``.
+
+    Rows and figure groups never average different configurations unless ``pool`` says so (see
+    :func:`~repablate.analysis.ablation_table`); a refusal raises before anything is written."""
     if completed(runs).empty:
-        shown = failures(runs)[["run_dir", "error"]].to_string(index=False)
+        shown = failures(runs)[["status", "run_dir", "error"]].to_string(index=False)
         raise ValueError(f"no completed run to tabulate; {len(runs)} failed or missing:\n{shown}")
     out_dir = Path(out_dir)
-    table = ablation_table(runs, metrics=metrics, by=by, baseline=baseline, confidence=confidence)
+    table = ablation_table(runs, metrics=metrics, by=by, baseline=baseline, confidence=confidence, pool=pool)
     report = Report(table=table, files=export_table(table, out_dir, runs=runs))
     if not draw_figures:
         return report
-    # Figures colour runs by their table row: one column holding the row label, named after the keys.
+    # Branch gradients are tagged with the table row: one column holding the row label, named after the keys.
     group = ",".join(c.removeprefix("config/") for c in table.attrs["by"])
     labelled = runs.assign(**{group: group_labels(runs, by)})
     drawers = {
-        "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(labelled, by=group),
-        "forms_flops_latency": lambda: fig.forms_comparison(labelled, by=group),
-        "branch_gradients": lambda: fig.branch_gradient_shares(load_branch_gradients(labelled, keys=[group]), by=group),
+        "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(runs, by=by, pool=pool),
+        "forms_flops_latency": lambda: fig.forms_comparison(runs, by=by, pool=pool),
+        "branch_gradients": lambda: fig.branch_gradient_shares(
+            load_branch_gradients(labelled, keys=[group], pool=pool), by=group),
     }
     for name, draw in drawers.items():
         try:

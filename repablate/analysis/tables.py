@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from repablate.analysis._io import write_text_atomic
-from repablate.analysis.collect import completed, failures, resolve_column
+from repablate.analysis.collect import completed, failures, resolve_column, status_counts
+from repablate.analysis.pooling import check_pooling, row_label
 from repablate.analysis.stats import compare, summarize
 
 # Metrics shown when none are named, in this order, where the runs have them (classification, then detection).
@@ -37,27 +38,13 @@ def default_metrics(runs: pd.DataFrame) -> list[str]:
     return [m for m in DEFAULT_METRICS if m in done and pd.to_numeric(done[m], errors="coerce").notna().any()]
 
 
-def _text(value: object) -> str:
-    # A seed read as float (its column had a gap) still reads "1", not "1.0".
-    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
-
-
-def _label(key: object) -> str:
-    return ",".join(map(_text, key)) if isinstance(key, tuple) else _text(key)
-
-
-def group_labels(runs: pd.DataFrame, by: Sequence[str]) -> pd.Series:
-    """Each run's row label in :func:`ablation_table` (its ``by`` values joined by commas)."""
-    columns = [resolve_column(runs, c) for c in by]
-    return runs[columns].apply(lambda row: _label(tuple(row)), axis=1).astype(str)
-
-
 def ablation_table(
     runs: pd.DataFrame,
     metrics: Sequence[str] | None = None,
     by: Sequence[str] = ("variant",),
     baseline: str | None = None,
     confidence: float = 0.95,
+    pool: Sequence[str] | bool = (),
 ) -> pd.DataFrame:
     """Statistics of each metric per group of completed runs.
 
@@ -66,6 +53,10 @@ def ablation_table(
     (metric, statistic) with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
     row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high (Welch interval of the
     difference of means) and p_value (Welch's t-test against the baseline). The baseline row comes first.
+
+    A row averages replicates only: runs whose configurations differ in anything but the seed (and bookkeeping,
+    see :mod:`repablate.analysis.pooling`) raise :class:`~repablate.analysis.pooling.PoolingError` naming the
+    keys, unless ``pool`` names them (``True``: any). ``table.attrs["pooled"]`` holds the keys pooled that way.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence!r}")
@@ -76,9 +67,11 @@ def ablation_table(
     metrics = [resolve_column(runs, m) for m in metrics] if metrics is not None else default_metrics(runs)
     if not metrics:
         raise ValueError(f"no metric to tabulate: the runs report none of {list(DEFAULT_METRICS)}; name metric columns")
+    pooled = check_pooling(runs, by, pool)
     done = completed(runs)
     values = done[metrics].apply(pd.to_numeric, errors="coerce")
-    groups = {_label(key): rows.index for key, rows in values.groupby([done[c] for c in by], dropna=False, sort=True)}
+    grouped = values.groupby([done[c] for c in by], dropna=False, sort=True)
+    groups = {row_label(key): rows.index for key, rows in grouped}
     if baseline is not None and baseline not in groups:
         raise ValueError(f"baseline {baseline!r} is not a group of {by}; the groups are: {', '.join(groups)}")
     order = [baseline] * (baseline is not None) + [g for g in groups if g != baseline]
@@ -96,7 +89,7 @@ def ablation_table(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "stat"])
     table.index.name = ",".join(c.removeprefix("config/") for c in by)
-    table.attrs.update(baseline=baseline, confidence=confidence, by=by)
+    table.attrs.update(baseline=baseline, confidence=confidence, by=by, pooled=pooled)
     return table
 
 
@@ -161,8 +154,14 @@ def _failure_lines(runs: pd.DataFrame) -> pd.DataFrame:
     failed = failures(runs).copy()
     # The last line of a traceback is the exception itself: enough for a table, the full text is in runs.csv.
     failed["error"] = [str(e).strip().splitlines()[-1][:300] if isinstance(e, str) and e.strip() else "" for e in failed["error"]]
+    if "diverged_at_step" in failed:  # where a diverged run stopped leads its line
+        steps = pd.to_numeric(failed.pop("diverged_at_step"), errors="coerce")
+        failed["error"] = [f"at step {int(step)}" + (f": {error}" if error else "")
+                           if status == "diverged" and step == step else error  # step == step: not NaN
+                           for status, step, error in zip(failed["status"], steps, failed["error"], strict=True)]
     if "overrides" in failed:  # only what sets a job apart: overrides shared by every job are noise here
-        common = set.intersection(*(set(str(o).split()) for o in runs["overrides"].fillna("")))
+        listed = [set(o.split()) for o in runs["overrides"].fillna("").astype(str) if o]  # "": none recorded
+        common = set.intersection(*listed) if listed else set()
         failed["overrides"] = [" ".join(o for o in str(row).split() if o not in common) for row in failed["overrides"]]
     return failed
 
@@ -173,18 +172,38 @@ def code_versions(runs: pd.DataFrame) -> list[str]:
     return sorted(done["git_commit"].dropna().astype(str).unique()) if "git_commit" in done else []
 
 
+def left_out_summary(runs: pd.DataFrame) -> str:
+    """The runs left out of the statistics, counted by status: "2 failed, 1 diverged" ("" when none)."""
+    return ", ".join(f"{n} {status}" for status, n in status_counts(runs).items() if status != "completed")
+
+
+def failures_markdown(runs: pd.DataFrame) -> str:
+    """The runs left out of the statistics, one short table per status (failed, diverged, interrupted, missing,
+    invalid), each line with its error's last line ("" when every run completed)."""
+    lines = _failure_lines(runs)
+    if lines.empty:
+        return ""
+    text = f"**Failed or missing jobs ({len(lines)})**: {left_out_summary(runs)}; none enters the statistics\n"
+    for status, rows in lines.groupby("status", sort=False):
+        text += f"\n*{status} ({len(rows)})*\n\n{rows.drop(columns='status').to_markdown(index=False)}\n"
+    return text
+
+
 def to_markdown(table: pd.DataFrame, runs: pd.DataFrame | None = None) -> str:
-    """Markdown: the formatted table, the differences from the baseline (if any), then, when ``runs`` is given,
-    a warning if the runs come from several code versions and the failed or missing jobs."""
+    """Markdown: the formatted table, the differences from the baseline (if any), what was pooled on purpose,
+    then, when ``runs`` is given, a warning if the runs come from several code versions and the runs left out of
+    the statistics by status (:func:`failures_markdown`)."""
     means, deltas = _headings(table)
     text = f"**{means}**\n\n{format_table(table).to_markdown()}\n"
     if (formatted := format_deltas(table)) is not None:
         text += f"\n**{deltas}**\n\n{formatted.to_markdown()}\n"
+    if pooled := table.attrs.get("pooled"):
+        keys = "; ".join(f"{key} ({', '.join(values)})" for key, values in pooled.items())
+        text += f"\n**Note: rows average runs of different configurations**, pooled on purpose: {keys}\n"
     if runs is not None and len(versions := code_versions(runs)) > 1:
         text += f"\n**Warning: the runs come from {len(versions)} code versions** (git_commit): {', '.join(versions)}\n"
-    if runs is not None and len(failures(runs)):
-        text += f"\n**Failed or missing jobs ({len(failures(runs))})**\n\n"
-        text += _failure_lines(runs).to_markdown(index=False) + "\n"
+    if runs is not None and (left_out := failures_markdown(runs)):
+        text += f"\n{left_out}"
     return text
 
 
