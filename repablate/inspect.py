@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -28,6 +27,8 @@ from torch import nn
 from repablate.bench import audit_ops, measure_model
 from repablate.nn import load_state_dict, reparameterize
 from repablate.paths import conf_dir
+from repablate.train import checkpoints
+from repablate.train.checkpoints import CheckpointError
 
 
 class InspectError(Exception):
@@ -48,13 +49,15 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
 
 
 def build_model(config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
-    """``instantiate(config["model"], **kwargs)`` with a readable error."""
+    """The model of ``config["model"]``, built only from repablate's own targets (``checkpoints.build_model``)."""
+    if not isinstance(config, Mapping):
+        raise InspectError(f"the stored config is a {type(config).__name__}, not a mapping")
     if config.get("model") is None:
         raise InspectError(f"the config has no 'model' entry (keys: {sorted(config)})")
     try:
-        return instantiate(config["model"], **kwargs)
-    except Exception as error:  # noqa: BLE001 -- any failure to build is bad input here
-        raise InspectError(f"cannot build the model from its config: {error}") from error
+        return checkpoints.build_model(config["model"], **kwargs)
+    except CheckpointError as error:
+        raise InspectError(str(error)) from error
 
 
 def example_input(config: Mapping[str, Any], shape: str | None) -> torch.Tensor:
@@ -79,16 +82,17 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], bool, str]:
     """Rebuild the model of a Lightning or deploy checkpoint (docs/ARCHITECTURE.md, "Checkpoints").
 
     Returns (model, config, meant to be deployed, description). A deploy checkpoint whose state_dict holds the
-    training form is loaded into a training-form model, so that the audit can name its unfused blocks.
+    training form is loaded into a training-form model, so that the audit can name its unfused blocks. Nothing in
+    the file runs: it is read weights only, and the model is built from repablate's own targets only.
     """
-    if not path.is_file():
-        raise InspectError(f"--checkpoint {path} does not exist")
     try:
-        # A checkpoint the user points at; Lightning checkpoints hold non-tensor state, so full unpickling.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # noqa: BLE001
-        raise InspectError(f"cannot read --checkpoint {path}: {error}") from error
-    if isinstance(checkpoint, dict) and checkpoint.get("deploy") is True and "config" in checkpoint:
+        # Weights only, and the model rebuilt from allowed targets only: a checkpoint may come from anywhere.
+        checkpoint = checkpoints.read_checkpoint(path)
+    except CheckpointError as error:
+        raise InspectError(f"--checkpoint {error}") from error
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise InspectError(f"{path} is not a repablate checkpoint: it holds no 'state_dict' mapping")
+    if checkpoint.get("deploy") is True and "config" in checkpoint:
         state = checkpoint["state_dict"]
         try:
             model = build_model(checkpoint["config"], deploy=True)
@@ -101,7 +105,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any], bool, str]:
             except RuntimeError:
                 raise InspectError(f"the state_dict of {path} fits the model in neither form: {fused_error}") from None
             return model, checkpoint["config"], True, f"deploy checkpoint {path} (holds the training form)"
-    if isinstance(checkpoint, dict) and "repablate_config" in checkpoint and "state_dict" in checkpoint:
+    if "repablate_config" in checkpoint:
         model = build_model(checkpoint["repablate_config"])
         state = {
             key[len("model.") :]: value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")

@@ -99,3 +99,65 @@ def test_a_file_that_is_no_repablate_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"conv.weight": torch.zeros(1)}, path)
     assert inspect_cli.main(["--checkpoint", str(path)]) == 2
     assert "is not a repablate checkpoint" in capsys.readouterr().err
+
+
+class _WritesMarker:
+    """Unpickling this calls open(marker, "w"): the stand-in for any code a crafted checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, config, trained):
+    marker, path = tmp_path / "marker", tmp_path / "deploy.pt"
+    state = reparameterize(trained).state_dict()
+    torch.save({"state_dict": state, "config": config, "deploy": True, "x": _WritesMarker(marker)}, path)
+    result = run_cli("--checkpoint", str(path))
+    assert result.returncode == 2, result.stderr
+    assert "refuses to run code from files" in result.stderr and str(path) in result.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("model_config", "message"),
+    [
+        ({"_target_": "os.system", "_args_": ["true"]}, "target 'os.system' at model is not allowed"),
+        ({"_target_": "subprocess.call", "_args_": [["true"]]}, "target 'subprocess.call' at model is not allowed"),
+        ({"_target_": "builtins.eval", "_args_": ["1"]}, "target 'builtins.eval' at model is not allowed"),
+        ("nested", "target 'builtins.open' at model.block.act is not allowed"),
+        ("partial", "target 'builtins.open' at model.block is not allowed"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["deploy", "lightning"])
+def test_a_stored_config_that_names_foreign_code_builds_nothing(tmp_path, config, trained, model_config, message,
+                                                                 kind, capsys):
+    marker = tmp_path / "marker"
+    opens_marker = {"_target_": "builtins.open", "_args_": [str(marker), "w"]}  # not on Hydra's own blocklist
+    if model_config == "nested":
+        model_config = {**config["model"], "block": {**config["model"]["block"], "act": opens_marker}}
+    elif model_config == "partial":
+        model_config = {**config["model"], "block": {**opens_marker, "_partial_": True}}
+    crafted = {**config, "model": model_config}
+    path = tmp_path / ("deploy.pt" if kind == "deploy" else "last.ckpt")
+    if kind == "deploy":
+        torch.save({"state_dict": reparameterize(trained).state_dict(), "config": crafted, "deploy": True}, path)
+    else:
+        state = {f"model.{key}": value for key, value in trained.state_dict().items()}
+        torch.save({"state_dict": state, "repablate_config": crafted}, path)
+    assert inspect_cli.main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "allowed targets: repablate.models." in err
+    assert not marker.exists()
+
+
+def test_a_folder_and_a_text_file_get_clear_messages(tmp_path, capsys):
+    assert inspect_cli.main(["--checkpoint", str(tmp_path)]) == 2
+    assert "is a directory; give a checkpoint file such as RUN_DIR/checkpoints/deploy.pt" in capsys.readouterr().err
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world\nthis is text\n" * 5)
+    assert inspect_cli.main(["--checkpoint", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert f"{text} is not a torch checkpoint" in err and "Memo value" not in err

@@ -2,7 +2,8 @@
 
 Tolerances (issue 2): float32 atol 1e-5 / rtol 1e-4; float64 atol = rtol = 1e-10. BN statistics are random and
 far from the defaults (mean != 0, var != 1, gamma of either sign, beta != 0, eps up to 0.1), so a fusion that
-ignores any of them fails.
+ignores any of them fails. ``equivalence_error`` is exact where it must be: 0 for identical finite models, inf
+wherever either output holds a NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -137,3 +138,64 @@ def test_suite_catches_an_identity_bn_folded_with_gamma_only(monkeypatch):
     wrong = reparameterize(copy, inplace=True)
     assert equivalence_error(block, wrong, x).max_abs > 1e-3
     assert equivalence_error(block, deployed, x).max_abs < 1e-10
+
+
+class _Fixed(nn.Module):
+    """Returns a fixed tensor (plus 0 * x, so the input still flows through): an output chosen by the test."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.register_buffer("output", output)
+
+    def forward(self, x):
+        return self.output + 0 * x.sum()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    numel=st.integers(1, 40),
+    bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    where=st.sampled_from(["train", "deploy", "both"]),
+    position=st.floats(0, 1, exclude_max=True),
+)
+def test_a_non_finite_output_is_never_equivalent(seed, numel, bad, where, position):
+    """NaN or +-inf anywhere in either output gives max_abs = max_rel = inf (exactly), so `not err <= tol` holds
+    for every tolerance -- also when both models put the same NaN or inf at the same place."""
+    finite = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    broken = finite.clone()
+    broken[int(position * numel)] = bad
+    train, deploy = (broken if where in ("train", "both") else finite), (broken if where in ("deploy", "both") else finite)
+    error = equivalence_error(_Fixed(train), _Fixed(deploy), torch.zeros(1))
+    assert error.max_abs == float("inf") and error.max_rel == float("inf")
+    assert not error.max_rel <= 1e30 and not error.max_abs < 1e30
+
+
+def test_a_nan_weight_makes_a_model_differ_from_its_own_copy():
+    torch.manual_seed(0)
+    block = RepConv(4, 4).eval()
+    with torch.no_grad():
+        block.rbr_dense[0].weight[0, 0, 1, 1] = float("nan")
+    error = equivalence_error(block, copy_module(block), torch.randn(1, 4, 6, 6))
+    assert error == (float("inf"), float("inf"))
+
+
+def test_a_nan_only_in_a_nested_output_is_found():
+    class Pair(nn.Module):
+        def __init__(self, second: float):
+            super().__init__()
+            self.second = second
+
+        def forward(self, x):
+            return {"a": x * 2, "b": (x, x + self.second)}
+
+    error = equivalence_error(Pair(1.0), Pair(float("nan")), torch.randn(3, 2))
+    assert error.max_abs == error.max_rel == float("inf")
+
+
+@settings(max_examples=30, deadline=None)
+@given(config=repconv_configs(), seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_identical_finite_models_are_exactly_equivalent(config, seed, dtype):
+    block, _ = fused_pair(config, dtype, seed)
+    x = torch.randn(2, config["c1"], 7, 7, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    assert equivalence_error(block, copy_module(block), x) == (0.0, 0.0)  # same weights, same ops: exactly 0

@@ -8,6 +8,7 @@ join by implementing the same two members; nothing is registered.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -67,6 +68,10 @@ def equivalence_error(train_model: nn.Module, deploy_model: nn.Module, inputs: A
     ``inputs`` is a tensor or a tuple of positional arguments. Outputs may be tensors or nested
     tuples/lists/dicts of them; all must have matching shapes. The relative error is normwise:
     max |a - b| / max |a|, which stays meaningful where single outputs are near zero.
+
+    A NaN or an infinity anywhere in either model's outputs makes both ``max_abs`` and ``max_rel`` ``inf`` --
+    even where the two models agree on it -- so a check written ``not error.max_rel <= tol`` (or
+    ``error.max_rel < tol``) fails for every tolerance, and ``max()`` over several batches keeps it.
     """
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     modes = [(module, module.training) for model in (train_model, deploy_model) for module in model.modules()]
@@ -79,14 +84,20 @@ def equivalence_error(train_model: nn.Module, deploy_model: nn.Module, inputs: A
             module.training = training
     if len(expected) != len(actual) or not expected:
         raise ValueError(f"the models return different structures: {len(expected)} vs {len(actual)} tensors")
-    max_abs, scale = 0.0, 0.0
+    max_abs, scale, finite = 0.0, 0.0, True
     for a, b in zip(expected, actual, strict=True):
         if a.shape != b.shape:
             raise ValueError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        if not a.numel():
+            continue
         a64, b64 = a.double(), b.double()
-        max_abs = max(max_abs, (a64 - b64).abs().max().item() if a.numel() else 0.0)
-        scale = max(scale, a64.abs().max().item() if a.numel() else 0.0)
-    return Equivalence(max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")))
+        # NaN compares false, so max() would drop it (and inf - inf is NaN): a NaN model would "equal" any model.
+        finite = finite and bool(torch.isfinite(a64).all()) and bool(torch.isfinite(b64).all())
+        max_abs = max(max_abs, (a64 - b64).abs().max().item())
+        scale = max(scale, a64.abs().max().item())
+    if not finite:
+        return Equivalence(math.inf, math.inf)
+    return Equivalence(max_abs, max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf))
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
