@@ -68,6 +68,8 @@ def test_main_job_writes_the_documented_run_directory(tmp_path):
      (["+variant=nope"], "Available options in 'variant'"),
      (["optimizer.lr=-0.5"], "optimizer.lr=-0.5 is not allowed: the learning rate must be a positive number"),
      (["trainer.max_epochs=-1"], "trainer.max_epochs=-1 is not allowed: use a positive integer"),
+     (["seed=abc"], "seed='abc' is not allowed: use an integer from 0 to 4294967295"),
+     (["optimizer.lr=true"], "optimizer.lr=True is not allowed: the learning rate must be a positive number"),
      (["data=imagefolder", "data.root=missing/images", "data.num_classes=3"], "data.root='missing/images' is not allowed")],
 )
 def test_bad_overrides_fail_with_one_clear_message(args, message, tmp_path):

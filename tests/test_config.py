@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import fractions
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from repablate.nn import Conv, RepConv
-from repablate.train.main import assemble, conf_dir
+from repablate.train.main import ConfigError, assemble, conf_dir, register_resolvers, sweep_jobs, validate
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = conf_dir()
@@ -121,6 +126,73 @@ def test_run_dirs_of_the_same_second_differ(compose_config):
         dirs.add(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
     assert len(dirs) == 3
     assert all("_plain_s3_" in d and d.startswith("outputs/") for d in dirs)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("seed=abc", "seed='abc' is not allowed: use an integer from 0 to 4294967295"),
+    ("seed=-1", "seed=-1 is not allowed"), ("seed=true", "seed=True is not allowed"),
+    ("seed=4294967296", "seed=4294967296 is not allowed"), ("seed=1.5", "seed=1.5 is not allowed"),
+    ("optimizer.lr=inf", "optimizer.lr=inf is not allowed"), ("optimizer.lr=nan", "optimizer.lr=nan is not allowed"),
+    ("optimizer.lr=true", "optimizer.lr=True is not allowed"), ("optimizer.lr=abc", "optimizer.lr='abc' is not allowed"),
+    ("lr_scale=inf", "lr_scale=inf is not allowed"), ("lr_scale=true", "lr_scale=True is not allowed"),
+    ("trainer.max_epochs=true", "trainer.max_epochs=True is not allowed"),
+    ("trainer.max_epochs=2.0", "trainer.max_epochs=2.0 is not allowed"),
+    ("threads=true", "threads=True is not allowed"), ("threads=inf", "threads=inf is not allowed"),
+])
+def test_values_that_cannot_work_are_refused_by_name(override, message, compose_config):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose_config(override))
+
+
+def test_sensible_values_pass_validation(compose_config):
+    validate(compose_config("seed=4294967295", "optimizer.lr=1e-3", "lr_scale=0.7", "trainer.max_epochs=1",
+                            "threads=null"))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a checkpoint", "is not a torch checkpoint"),
+    ({"pytorch-lightning_version": "2.6.0", "loops": {}, "ratio": fractions.Fraction(1, 3)}, "fractions.Fraction"),
+    ({"pytorch-lightning_version": "2.6.0", "state_dict": {}}, "is not a Lightning training checkpoint"),
+])
+def test_a_checkpoint_to_resume_from_must_load_weights_only_and_be_lightnings(content, message, compose_config,
+                                                                              tmp_path):
+    path = tmp_path / "resume.ckpt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(ConfigError, match=re.escape(f"ckpt_path='{path}' is not allowed")) as error:
+        validate(compose_config(f"ckpt_path={path}"))
+    assert message in str(error.value)
+
+
+def _compose_sweep(*overrides: str):
+    """The config a ``-m`` command line gives, as the Hydra callback sees it at the sweep's start."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return GlobalHydra.instance().hydra.compose_config("config", list(overrides), run_mode=RunMode.MULTIRUN,
+                                                           with_log_configuration=False)
+
+
+def test_sweep_jobs_are_the_sweep_params_and_the_command_line_expanded_as_basic_sweeper_does():
+    jobs = sweep_jobs(_compose_sweep("+sweep=default", "seed=5,6", "trainer.max_epochs=2"))
+    # The sweep's +variant first, its seeds replaced in place by the command line's, the rest after, as Hydra does.
+    assert jobs == [[f"+variant={variant}", f"seed={seed}", "+sweep=default", "trainer.max_epochs=2"]
+                    for variant in ("plain", "repconv") for seed in (5, 6)]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml")))
+def test_every_named_sweep_lists_one_job_per_cell(name):
+    cfg = _compose_sweep(f"+sweep={name}")
+    cells = 1
+    for values in cfg.hydra.sweeper.params.values():
+        cells *= len(str(values).split(","))
+    jobs = sweep_jobs(cfg)
+    assert len(jobs) == cells and len({tuple(job) for job in jobs}) == cells
+    assert all(f"+sweep={name}" in job for job in jobs)
+
+
+def test_sweep_jobs_are_not_listed_for_a_sweeper_that_does_not_know_them_ahead():
+    cfg = _compose_sweep("+variant=plain,repconv")
+    cfg.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert sweep_jobs(cfg) is None
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):

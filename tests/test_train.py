@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 
 from repablate.nn import load_state_dict
 from repablate.train.main import ConfigError, run
@@ -68,6 +69,38 @@ def test_resume_from_last_checkpoint_continues_the_epoch_count(compose_config, t
     with open(second / "metrics.csv") as handle:
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row["val/acc"]}
     assert epochs == {"1", "2"}  # the second run trained only the epochs the first had not
+
+
+class StopAfterEpochs(Callback):
+    """Ends the fit after ``epochs`` epochs, as a run killed between epochs ends (its last.ckpt then is that epoch)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
+
+
+def test_a_resumed_run_continues_exactly_where_it_stopped(compose_config, tmp_path):
+    # repconv_lr: a warm-up then cosine (SequentialLR), whose saved state must load with weights_only=True too.
+    common = ["+variant=repconv_lr", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
+              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", *QUICK]
+    whole, stopped, resumed = tmp_path / "whole", tmp_path / "stopped", tmp_path / "resumed"
+    run(compose_config(*common, run_dir=whole), whole)
+    stop = [f"+callbacks.stop._target_={__name__}.StopAfterEpochs", "+callbacks.stop.epochs=2"]
+    assert run(compose_config(*common, *stop, run_dir=stopped), stopped)["global_step"] == 6
+    ckpt = stopped / "checkpoints" / "last.ckpt"
+    record = run(compose_config(*common, f"ckpt_path={ckpt}", run_dir=resumed), resumed)
+    assert record["status"] == "completed" and record["epochs"] == 3 and record["global_step"] == 9
+
+    def lrs(run_dir):
+        with open(run_dir / "metrics.csv") as handle:
+            return {int(row["step"]): float(row["lr-SGD"]) for row in csv.DictReader(handle) if row.get("lr-SGD")}
+
+    assert lrs(resumed) == {step: lr for step, lr in lrs(whole).items() if step >= 6}  # the same schedule, on
+    weights = [torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (whole, resumed)]
+    for name, value in weights[0].items():  # the same data order and updates: the same model
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_lr_variant_warms_up_from_the_scaled_rate(compose_config, tmp_path):

@@ -1,4 +1,4 @@
-"""BranchGradientMonitor, DeployCheck and the schedule, on hand-made models and gradients."""
+"""BranchGradientMonitor, DivergenceGuard, DeployCheck and the schedule, on hand-made models and gradients."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from repablate.nn import Conv, RepConv
-from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, DeployMismatchError
+from repablate.train.callbacks import (
+    BranchGradientMonitor,
+    DeployCheck,
+    DeployMismatchError,
+    DivergenceGuard,
+    TrainingDiverged,
+)
 from repablate.train.schedules import warmup_schedule
 
 
@@ -75,8 +81,65 @@ def test_deploy_check_fails_loudly_on_a_wrong_fusion(tmp_path):
     datamodule = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
     check = DeployCheck(tmp_path / "deploy.pt")
     with pytest.raises(DeployMismatchError, match="max_rel_error"):
-        check.on_fit_end(SimpleNamespace(datamodule=datamodule), SimpleNamespace(model=model, device="cpu"))
+        check.on_fit_end(SimpleNamespace(datamodule=datamodule, global_step=1),
+                         SimpleNamespace(model=model, device="cpu"))
     assert not (tmp_path / "deploy.pt").exists()
+
+
+def test_deploy_check_refuses_a_diverged_model_as_divergence(tmp_path):
+    model = nn.Sequential(RepConv(2, 2), nn.Flatten())
+    with torch.no_grad():
+        model[0].rbr_1x1[1].running_var[0] = float("inf")  # a buffer is enough to make every output NaN
+    batches = [(torch.randn(4, 2, 5, 5), torch.zeros(4, dtype=torch.long))]
+    datamodule = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
+    with pytest.raises(TrainingDiverged, match=r"1 tensors \(0.rbr_1x1.1.running_var\)") as error:
+        DeployCheck(tmp_path / "deploy.pt").on_fit_end(SimpleNamespace(datamodule=datamodule, global_step=7),
+                                                       SimpleNamespace(model=model, device="cpu"))
+    assert error.value.step == 6 and not (tmp_path / "deploy.pt").exists()
+
+
+def _guard_steps(guard: DivergenceGuard, losses: list[float], first_step: int = 0) -> None:
+    """Feed ``losses`` to ``guard`` as the losses of optimizer steps first_step, first_step + 1, ..., as Lightning
+    calls it."""
+    module = SimpleNamespace(model=nn.Linear(2, 2))
+    for step, loss in enumerate(losses, start=first_step):
+        guard.on_before_backward(SimpleNamespace(global_step=step), module, torch.tensor(loss, requires_grad=True))
+        guard.on_train_batch_end(SimpleNamespace(global_step=step + 1), module, None, None, step)
+
+
+def test_divergence_guard_stops_at_the_first_non_finite_loss_on_the_cpu():
+    guard = DivergenceGuard(check_every_n_steps=10)
+    with pytest.raises(TrainingDiverged, match="the training loss is inf at optimizer step 3:") as error:
+        _guard_steps(guard, [2.3, 1e30, 5.0, float("inf"), float("nan")])
+    assert error.value.step == 3
+
+
+def test_divergence_guard_without_a_sync_per_step_still_names_the_first_bad_step():
+    guard = DivergenceGuard(check_every_n_steps=5, sync_every_step=False)  # as on a GPU
+    _guard_steps(guard, [2.3, 2.2, float("nan"), 2.0])  # steps 0-3, no check yet: the flag stays on the device
+    with pytest.raises(TrainingDiverged, match="the training loss is nan at optimizer step 2:") as error:
+        _guard_steps(guard, [float("inf")], first_step=4)  # the check after the 5th step reads the flag
+    assert error.value.step == 2
+
+
+def test_divergence_guard_checks_the_weights_at_each_epoch_end():
+    guard, model = DivergenceGuard(), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    trainer = SimpleNamespace(current_epoch=4, global_step=50)
+    guard.on_train_epoch_end(trainer, SimpleNamespace(model=model))  # finite: nothing happens
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"after epoch 4 the model holds NaN or infinity in 1 tensors \(0.weight\)"):
+        guard.on_train_epoch_end(trainer, SimpleNamespace(model=model))
+
+
+def test_branch_gradients_are_written_when_the_fit_ends_in_an_exception(tmp_path):
+    model = _model()
+    monitor = BranchGradientMonitor(every_n_steps=1, csv_path=tmp_path / "g.csv")
+    monitor.on_fit_start(None, SimpleNamespace(model=model))
+    _monitor_step(monitor, model, 0, {"dense": 1.0, "1x1": 1.0, "identity": 1.0})
+    monitor.on_exception(None, None, TrainingDiverged("nan", 1))
+    with open(tmp_path / "g.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 5  # 3 branches of the RepConv + 2 of the RepConvN
 
 
 @pytest.mark.parametrize("decay", ["cosine", "constant"])

@@ -1,13 +1,15 @@
 """Callbacks that work for any LightningModule following the protocol in ``repablate.train.module``.
 
-BranchGradientMonitor watches every multi-branch block's gradients; DeployCheck fuses, proves, evaluates and
-measures the model at the end of fit; RunRecorder feeds results.json and checkpoints.
+BranchGradientMonitor watches every multi-branch block's gradients; DivergenceGuard ends a run whose loss or
+weights stop being finite; DeployCheck fuses, proves, evaluates and measures the model at the end of fit;
+RunRecorder feeds results.json and checkpoints.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import tempfile
 import time
@@ -23,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from repablate.nn import equivalence_error, load_state_dict, reparameterize
+from repablate.train.checkpoints import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,29 @@ CSV_COLUMNS = ("step", "layer", "branch", "grad_norm", "share")
 
 class DeployMismatchError(RuntimeError):
     """The deploy (fused) form does not compute what the training form computes."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss or the weights became NaN or infinite. ``step`` is the optimizer step (0-based, as in
+    branch_gradients.csv) at which it was found, or None if no step had been taken."""
+
+    def __init__(self, message: str, step: int | None):
+        super().__init__(message)
+        self.step = step
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers of ``module`` that hold a NaN or an infinity.
+
+    One device sync for the whole module (the per-tensor flags are stacked before they are read).
+    """
+    named = [(name, tensor) for name, tensor in (*module.named_parameters(), *module.named_buffers())
+             if tensor.is_floating_point() and tensor.numel()]
+    if not named:
+        return []
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(tensor).all().to(named[0][1].device) for _, tensor in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
 
 def batch_inputs(batch: Any) -> Any:
@@ -131,6 +157,9 @@ class BranchGradientMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._flush()  # the gradients up to a divergence or an interruption are what explains it
+
     def _flush(self) -> None:
         if self.csv_path is None or (not self._rows and self.csv_path.exists()):
             return
@@ -150,6 +179,76 @@ class BranchGradientMonitor(Callback):
             result[f"grad/share_mean/{branch}"] = self._share_sum[branch] / count
             result[f"grad/share_min/{branch}"] = self._share_min[branch]
         return result
+
+
+class DivergenceGuard(Callback):
+    """Ends the fit with ``TrainingDiverged`` when the training loss is NaN or infinite, and at each train epoch's
+    end (before that epoch's checkpoints are written) when a weight or buffer of ``pl_module.model`` is.
+
+    The loss is checked in ``on_before_backward``, so the run stops at the first bad step, before its update. On
+    the CPU reading the loss costs nothing, so every step is checked at once. On an accelerator reading it would
+    make the host wait for the device every step; there the first bad step is kept on the device (no sync) and read
+    every ``check_every_n_steps`` steps and at the epoch's end, so the run stops a few steps late, but names the
+    first bad step all the same. ``sync_every_step`` overrides that choice (None: only on the CPU).
+    """
+
+    def __init__(self, check_every_n_steps: int = 10, sync_every_step: bool | None = None):
+        if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} is not allowed: it must be a positive integer")
+        self.check_every_n_steps, self.sync_every_step = check_every_n_steps, sync_every_step
+        self._first_bad_step: torch.Tensor | None = None  # -1 while every loss has been finite
+        self._first_bad_loss: torch.Tensor | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_bad_step = self._first_bad_loss = None
+
+    @torch.no_grad()
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        if loss.ndim:  # a scalar, NaN or infinite whenever any element is
+            loss = loss.float().mean()
+        step = trainer.global_step
+        sync = self.sync_every_step if self.sync_every_step is not None else loss.device.type == "cpu"
+        if sync:
+            if not math.isfinite(loss.item()):  # a few microseconds: the cheapest test of a CPU scalar
+                raise self._loss_error(loss, step)
+            return
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._first_bad_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(first, step, self._first_bad_step)
+        self._first_bad_loss = torch.where(first, loss.float(), self._first_bad_loss)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.check_every_n_steps == 0:
+            self._raise_if_a_loss_was_bad()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_a_loss_was_bad()
+        raise_if_nonfinite(pl_module.model, f"after epoch {trainer.current_epoch}", trainer.global_step)
+
+    def _raise_if_a_loss_was_bad(self) -> None:
+        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:  # the one sync
+            raise self._loss_error(self._first_bad_loss, step)
+
+    @staticmethod
+    def _loss_error(loss: torch.Tensor, step: int) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"the training loss is {loss.item()} at optimizer step {step}: training diverged (a lower optimizer.lr or "
+            "lr_scale, a warm-up or trainer.gradient_clip_val may keep it finite)", step,
+        )
+
+
+def raise_if_nonfinite(model: nn.Module, when: str, global_step: int) -> None:
+    """``TrainingDiverged`` if a weight or buffer of ``model`` is NaN or infinite; ``when`` says when it was found,
+    ``global_step`` is the number of optimizer steps taken (the last of them is reported as the divergence's)."""
+    bad = nonfinite_tensors(model)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise TrainingDiverged(f"{when} the model holds NaN or infinity in {len(bad)} tensors ({shown}): "
+                               "training diverged", global_step - 1 if global_step > 0 else None)
 
 
 def save_atomically(obj: Any, path: Path) -> None:
@@ -206,6 +305,8 @@ class DeployCheck(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
+        # A diverged model would "fuse" into NaN weights and be saved as deploy.pt: refuse it as divergence.
+        raise_if_nonfinite(model, "at the end of training", trainer.global_step)
         deployed = reparameterize(model)
         datamodule = trainer.datamodule
         self.results = self._equivalence(model, deployed, datamodule.val_dataloader(), pl_module.device)
@@ -249,10 +350,14 @@ class DeployCheck(Callback):
         )
         if self.run_config is None:
             return
+        # Reloaded the way repablate's tools load any checkpoint (weights only, allowed targets only), so a
+        # deploy.pt that passes here also loads in `python -m repablate.inspect`.
+        # The config is this run's own composition, held in memory (not read from a file), so a user's own block
+        # target is as trusted as the run itself; only the weights come back from disk, read as data.
         from hydra.utils import instantiate
 
         rebuilt = instantiate(self.run_config["model"], deploy=True).to(example.device)
-        load_state_dict(rebuilt, torch.load(self.checkpoint_path, map_location=example.device)["state_dict"])
+        load_state_dict(rebuilt, read_checkpoint(self.checkpoint_path)["state_dict"])
         with _full_float32():
             error = equivalence_error(deployed, rebuilt, example)
         if not error.max_rel <= 1e-6:  # same weights, same ops: equal up to a GPU's choice of conv algorithm

@@ -3,15 +3,20 @@
 Composes conf/ with Hydra, trains the model in its multi-branch form with Lightning, fuses it and proves the
 fused form equivalent (DeployCheck), measures both forms and writes results.json into the run directory.
 Heavy imports (torch, lightning, wandb) happen inside ``run`` so that ``--cfg job`` and ``--help`` are quick.
+How a run ends when it does not complete (status, exit code, files kept): docs/FAILURE_MODES.md.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import math
 import secrets
+import signal
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,21 +24,75 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import repablate
 from repablate.paths import conf_dir
-from repablate.train.results import RESULTS_FILE, flatten, git_commit, write_json_atomically
+from repablate.train.results import RESULTS_FILE, SWEEP_JOBS_FILE, flatten, git_commit, write_json_atomically
 
 log = logging.getLogger(__name__)
 
 DATA_SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
+MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything enforces
+# What a run writes into its directory; Hydra's own .hydra/ and main.log are there before the run starts.
+RUN_FILES = (RESULTS_FILE, "metrics.csv", "branch_gradients.csv", "checkpoints")
+SWEEP_FILES = ("multirun.yaml", SWEEP_JOBS_FILE)  # what a started sweep has written into its directory
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before training starts."""
+
+
+class RunDirectoryInUse(ConfigError):
+    """The run (or sweep) directory already holds a run: it is never reused."""
+
+
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on its
+    way up (Lightning's, Hydra's job runner's) turns it into a failed job: the run, or the whole sweep, stops."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"received {signal.Signals(signum).name}")
+
+
+@contextmanager
+def interrupt_on_signals(signums: tuple[int, ...] = INTERRUPTING_SIGNALS) -> Iterator[None]:
+    """While active, each of ``signums`` raises ``RunInterrupted`` in the main thread.
+
+    Lightning's own SIGTERM handling (inside fit) only sets a flag and later raises ``SIGTERMException``, a
+    ``SystemExit`` with code 0, and it turns KeyboardInterrupt into ``sys.exit(1)``: neither says "interrupted".
+    Lightning keeps a handler it finds installed and calls it after its own, so this one still runs during fit.
+    """
+
+    def interrupt(signum: int, frame) -> None:
+        raise RunInterrupted(signum)
+
+    previous = {}
+    try:
+        for signum in signums:
+            previous[signum] = signal.signal(signum, interrupt)
+    except ValueError:  # not the main thread (a launcher's worker): leave the process's handlers alone
+        pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float; bools are ints to Python but never a sensible number here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def register_resolvers() -> None:
@@ -44,17 +103,20 @@ def register_resolvers() -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Reject values that would only fail (or silently misbehave) later, naming the value and what is allowed."""
+    seed = cfg.get("seed")
+    if not (_is_integer(seed) and 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"seed={seed!r} is not allowed: use an integer from 0 to {MAX_SEED}")
     lr = cfg.optimizer.get("lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+    if lr is not None and not (_is_number(lr) and lr > 0):
         raise ConfigError(f"optimizer.lr={lr!r} is not allowed: the learning rate must be a positive number")
-    if not (isinstance(cfg.lr_scale, (int, float)) and cfg.lr_scale > 0):
+    if not (_is_number(cfg.lr_scale) and cfg.lr_scale > 0):
         raise ConfigError(f"lr_scale={cfg.lr_scale!r} is not allowed: it must be a positive number")
     epochs = cfg.trainer.get("max_epochs")
     # -1 (Lightning's "no limit") is refused: the per-step learning-rate schedule needs a known number of steps.
-    if epochs is not None and not (isinstance(epochs, int) and epochs >= 1):
+    if epochs is not None and not (_is_integer(epochs) and epochs >= 1):
         raise ConfigError(f"trainer.max_epochs={epochs!r} is not allowed: use a positive integer")
     threads = cfg.get("threads")
-    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+    if threads is not None and not (_is_integer(threads) and threads >= 1):
         raise ConfigError(f"threads={threads!r} is not allowed: use a positive integer, or null for torch's default")
     root = cfg.data.get("root")
     if root is not None and not cfg.data.get("download", False) and not Path(root).exists():
@@ -62,8 +124,97 @@ def validate(cfg: DictConfig) -> None:
             f"data.root={root!r} is not allowed: no such directory (give the dataset's location"
             + (", or data.download=true to fetch it there)" if "download" in cfg.data else ")")
         )
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed: no such checkpoint file")
+    if cfg.ckpt_path is not None:
+        check_resume_checkpoint(cfg.ckpt_path)
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """Refuse, before training, a ``ckpt_path`` that a run cannot resume from: a missing file, one that does not
+    load with ``weights_only=True`` (how the run loads it: tensors and plain data only, never code), or one that is
+    not a Lightning training checkpoint (e.g. a deploy.pt)."""
+    from repablate.train.checkpoints import CheckpointError, read_checkpoint
+
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path={path!r} is not allowed: no such checkpoint file")
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(f"ckpt_path={path!r} is not allowed: {error}") from None
+    if checkpoint.get("deploy") is True:
+        raise ConfigError(f"ckpt_path={path!r} is not allowed: it is a deploy checkpoint (the fused weights only); "
+                          "resume from the run's checkpoints/last.ckpt")
+    if "pytorch-lightning_version" not in checkpoint or "loops" not in checkpoint:
+        raise ConfigError(f"ckpt_path={path!r} is not allowed: it is not a Lightning training checkpoint; resume "
+                          "from a run's checkpoints/last.ckpt")
+
+
+def check_run_dir_is_new(run_dir: Path) -> None:
+    """``RunDirectoryInUse`` if ``run_dir`` already holds a run: a second run there would mix its files (CSV rows,
+    checkpoints, results) with the first's."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found:
+        raise RunDirectoryInUse(
+            f"{run_dir} already holds a run ({', '.join(found)}): a run directory is never reused. To continue that "
+            f"run, resume it into a new directory with ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}; to start "
+            "over, leave hydra.run.dir at its default or give a new one"
+        )
+
+
+def check_sweep_dir_is_new(sweep_dir: Path) -> None:
+    """``RunDirectoryInUse`` if ``sweep_dir`` already holds a sweep (its job directories would be reused)."""
+    found = [name for name in SWEEP_FILES if (sweep_dir / name).exists()]
+    if found:
+        raise RunDirectoryInUse(
+            f"{sweep_dir} already holds a sweep ({', '.join(found)}): a sweep directory is never reused; leave "
+            "hydra.sweep.dir at its default or give a new one"
+        )
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Every job of the sweep ``config`` starts, in launch order, as the override list Hydra's BasicSweeper gives
+    it (and saves in the job's .hydra/overrides.yaml); None for other sweepers, whose jobs are not known ahead
+    (e.g. Optuna's depend on earlier results)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return None
+    # As BasicSweeper.sweep builds them: hydra.sweeper.params first, then the command line's task overrides.
+    arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    arguments += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    hydra_instance = GlobalHydra.instance()
+    loader = hydra_instance.config_loader() if hydra_instance.is_initialized() else None  # for glob() sweeps
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(overrides, sweeper.get("max_batch_size"))
+    return [list(job) for batch in batches for job in batch]
+
+
+class RunDirectoryGuard(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml), called before Hydra writes anything into the output directory:
+    refuses a run or sweep directory that already holds one, and at a sweep's start writes ``sweep_jobs.json``
+    there, every job the sweep will run, so that the jobs a killed sweep never started are known."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_run_dir_is_new(Path(config.hydra.run.dir))
+        except RunDirectoryInUse as error:
+            raise SystemExit(str(error)) from None  # one line on stderr, exit status 1
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            check_sweep_dir_is_new(sweep_dir)
+        except RunDirectoryInUse as error:
+            raise SystemExit(str(error)) from None
+        jobs = sweep_jobs(config)
+        if jobs is None:
+            log.info("%s not written: the sweeper %s does not know its jobs ahead", SWEEP_JOBS_FILE,
+                     config.hydra.sweeper.get("_target_"))
+            return
+        write_json_atomically({"jobs": [{"num": num, "overrides": job} for num, job in enumerate(jobs)]},
+                              sweep_dir / SWEEP_JOBS_FILE)
 
 
 def build_datamodule(data_cfg: DictConfig):
@@ -164,14 +315,39 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     return Assembly(datamodule, module, callbacks, loggers, trainer)
 
 
+def _as_interruption(error: BaseException) -> RunInterrupted | None:
+    """The signal interruption ``error`` stands for, if any: ours, a KeyboardInterrupt, or Lightning's
+    SIGTERMException (when no ``interrupt_on_signals`` handler was installed, e.g. a run started from Python)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(error, RunInterrupted):
+        return error
+    if isinstance(error, KeyboardInterrupt):
+        return RunInterrupted(signal.SIGINT)
+    if isinstance(error, SIGTERMException):
+        return RunInterrupted(signal.SIGTERM)
+    return None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, check, measure and record one run into ``run_dir``; returns the results record.
 
-    On any failure results.json is still written, with status "failed" and the error, and the error re-raised.
+    ``run_dir`` must not hold a run yet (``RunDirectoryInUse``, raised before anything is written). When the run
+    does not complete, results.json is still written and the error re-raised; its status is "diverged"
+    (``TrainingDiverged``, with ``diverged_at_step``), "interrupted" (SIGINT or SIGTERM; Lightning's
+    SIGTERMException is re-raised as ``RunInterrupted``) or "failed" (anything else), see docs/FAILURE_MODES.md.
     """
+    try:
+        check_run_dir_is_new(run_dir)
+    except RunDirectoryInUse as error:
+        log.error("%s", error)
+        raise
+    from repablate.train.callbacks import TrainingDiverged
+
     started = time.time()
     record: dict[str, Any] = {
-        "status": "failed", "error": None, "variant": cfg.get("variant"), "seed": cfg.get("seed"),
+        "status": "failed", "error": None, "diverged_at_step": None, "variant": cfg.get("variant"),
+        "seed": cfg.get("seed"),
         "task": HydraConfig.get().runtime.choices.get("task") if HydraConfig.initialized() else None,
         "run_dir": str(run_dir), "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "git_commit": git_commit(Path(repablate.__file__).parent),
@@ -185,17 +361,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
         record["torch_version"] = torch.__version__
         parts = assemble(cfg, config)
-        parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
+        # weights_only: a checkpoint to resume from is loaded as tensors and plain data, never as code to run.
+        parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         record.update(_metrics(parts.trainer))  # the last logged train/val metrics; test() replaces them
         record.update(_collect(parts.trainer, parts.module, parts.callbacks))
         parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
         record.update(_metrics(parts.trainer))
         record["status"] = "completed"
     except BaseException as error:
-        record["error"] = f"{type(error).__name__}: {error}"
-        log.error("run failed: %s", record["error"])
+        interruption = _as_interruption(error)
+        if isinstance(error, TrainingDiverged):
+            record.update(status="diverged", diverged_at_step=error.step)
+        elif interruption is not None:
+            record["status"] = "interrupted"
+        reported = interruption or error
+        record["error"] = f"{type(reported).__name__}: {reported}"
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume = f"; resume with ckpt_path={last}" if record["status"] != "failed" and last.is_file() else ""
+        log.error("run %s: %s%s", record["status"], record["error"], resume)
+        if interruption is not None and interruption is not error and not isinstance(error, KeyboardInterrupt):
+            raise interruption from error  # Lightning's SIGTERMException is a SystemExit with status 0
         raise
     finally:
+        if parts is not None and record["status"] != "completed":  # how far it got
+            record.update(epochs=parts.trainer.current_epoch, global_step=parts.trainer.global_step,
+                          device=_device_name(parts.module.device))
         finished = time.time()
         record.update(finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(),
                       wall_time_s=finished - started)
@@ -210,15 +400,31 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: one run into the run directory Hydra created (conf/hydra/default.yaml).
+def run_job(cfg: DictConfig) -> None:
+    """Hydra's task: one run into the run directory Hydra created (conf/hydra/default.yaml).
 
-    A bad value in a single run ends the process after the one logged line naming it (no traceback); in a sweep
-    it fails that job like any other error.
+    A bad value or a diverged run, in a single run, ends the process with status 1 after the one logged line
+    naming it (no traceback); in a sweep it fails that job like any other error, and the sweep goes on.
     """
+    from repablate.train.callbacks import TrainingDiverged
+
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, FileNotFoundError):
+    except (ConfigError, FileNotFoundError, TrainingDiverged):
         if HydraConfig.get().mode != RunMode.RUN:
             raise
         raise SystemExit(1) from None  # run() has logged the message
+
+
+def main() -> None:
+    """``python -m repablate [overrides]``: a run, or a sweep with ``-m``.
+
+    SIGINT and SIGTERM interrupt the run (results.json: status "interrupted") and, in a sweep, the whole sweep;
+    the process then exits with 128 + the signal's number (130, 143), as a shell reports a signalled process.
+    """
+    try:
+        with interrupt_on_signals():
+            run_job()
+    except RunInterrupted as interrupted:
+        log.error("stopped: %s (exit status %d)", interrupted, 128 + interrupted.signum)
+        raise SystemExit(128 + interrupted.signum) from None

@@ -1,4 +1,5 @@
-"""results.json: one flat record per run, written atomically, read by repablate.analysis."""
+"""results.json: one flat record per run, written atomically, read by repablate.analysis; and a sweep's
+sweep_jobs.json, the jobs it set out to run (docs/FAILURE_MODES.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_FILE = "results.json"
+SWEEP_JOBS_FILE = "sweep_jobs.json"  # in a sweep's directory: {"jobs": [{"num": 0, "overrides": [...]}, ...]}
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "config/") -> dict[str, Any]:
@@ -36,18 +38,23 @@ def _json_safe(value: Any) -> Any:
         return None  # strict JSON has no NaN or infinity
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
     return str(value)
 
 
 def write_json_atomically(record: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Write ``record`` as JSON to a temporary file beside ``path``, then rename it into place, so a reader
-    never sees a half-written file."""
+    never sees a half-written file. NaN and infinity become null; lists and dicts are kept, other objects become
+    their ``str``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as stream:
-            json.dump({key: _json_safe(value) for key, value in record.items()}, stream, indent=1, sort_keys=True)
+            json.dump(_json_safe(record), stream, indent=1, sort_keys=True)
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temp, 0o644)  # mkstemp creates it private; results are for everyone who can read the run dir
