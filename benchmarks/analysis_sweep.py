@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.exists() else []
+    models = (
+        [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        if cpuinfo.exists()
+        else []
+    )
     return f"{models[0] if models else platform.machine()}, {os.cpu_count()} logical cores, {platform.system()}"
 
 
@@ -44,8 +47,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sweep_dir = Path(tmp) / "sweep"
         env.setdefault("WANDB_DIR", tmp)
-        sweep_s, sweep = timed_run([sys.executable, "-m", "repablate", "+sweep=default", f"+launcher={args.launcher}",
-                                    f"hydra.sweep.dir={sweep_dir}", *args.overrides], env)
+        sweep_s, sweep = timed_run(
+            [
+                sys.executable,
+                "-m",
+                "repablate",
+                "+sweep=default",
+                f"+launcher={args.launcher}",
+                f"hydra.sweep.dir={sweep_dir}",
+                *args.overrides,
+            ],
+            env,
+        )
         if sweep.returncode != 0:
             print(f"the sweep exited with {sweep.returncode} (failed jobs are listed below):\n{sweep.stderr[-2000:]}")
         analysis_s, analysis = timed_run([sys.executable, "-m", "repablate.analysis", str(sweep_dir)], env)

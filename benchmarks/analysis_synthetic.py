@@ -28,8 +28,18 @@ VARIANTS = ("plain", "repconv_no1x1", "repconv_n", "repconv")
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.machine()
+    )
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()}, python {platform.python_version()}"
 
 
@@ -53,8 +63,21 @@ def main() -> None:
         n_files = len(list(sweep.rglob("results.json")))
         print(f"{n_files} results files, {len(variants)} variants")
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "repablate.analysis", str(sweep), "--baseline", "plain",
-                               "--out", str(Path(tmp) / "cli")], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "repablate.analysis",
+                str(sweep),
+                "--baseline",
+                "plain",
+                "--out",
+                str(Path(tmp) / "cli"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         total = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"analysis failed:\n{done.stderr}")

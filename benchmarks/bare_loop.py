@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from repablate.train.callbacks import RunRecorder
+from repablate.train.callbacks import TrainingThroughput
 from repablate.train.main import assemble, build_datamodule, conf_dir, register_resolvers
 
 
@@ -34,16 +34,19 @@ def compose_run(overrides: list[str], run_dir: Path):
     """The main job's config for ``overrides``, writing into ``run_dir``."""
     register_resolvers()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.run_dir={run_dir}", "~callbacks.deploy_check", *overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[f"paths.run_dir={run_dir}", "~callbacks.deploy_check", *overrides],
+            return_hydra_config=True,
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
 
 
-class EpochThroughput(RunRecorder):
-    """RunRecorder that also keeps each epoch's images/s."""
+class EpochThroughput(TrainingThroughput):
+    """TrainingThroughput that also keeps each epoch's images/s."""
 
     def __init__(self):
         super().__init__()
@@ -67,9 +70,9 @@ class EpochThroughput(RunRecorder):
 def harness_images_per_s(cfg) -> list[float]:
     """Train with the harness; images/s of each epoch, timed as results.json's train/images_per_s is."""
     parts = assemble(cfg)
-    throughput = EpochThroughput()  # in place of the harness's RunRecorder, which it extends: no extra callback
+    throughput = EpochThroughput()  # in place of the harness's TrainingThroughput, which it extends: no extra callback
     callbacks = parts.trainer.callbacks
-    callbacks[:] = [throughput if isinstance(c, RunRecorder) else c for c in callbacks]
+    callbacks[:] = [throughput if isinstance(c, TrainingThroughput) else c for c in callbacks]
     parts.trainer.fit(parts.module, datamodule=parts.datamodule)
     for logger in parts.loggers:
         if hasattr(logger.experiment, "finish"):
@@ -82,7 +85,7 @@ def bare_images_per_s(cfg) -> list[float]:
     torch.manual_seed(cfg.seed)
     if cfg.get("threads") is not None:
         torch.set_num_threads(cfg.threads)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, cfg.data_shape)
     datamodule.setup("fit")
     model = instantiate(cfg.model)
     instantiate(cfg.init)(model)
@@ -124,15 +127,20 @@ def main() -> None:
             harness += harness_images_per_s(cfg)
             bare += bare_images_per_s(cfg)
             print(f"round {round_} done", flush=True)
-    print(f"variant={args.variant} epochs={args.epochs} rounds={args.rounds} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__} overrides={args.overrides}")
+    print(
+        f"variant={args.variant} epochs={args.epochs} rounds={args.rounds} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__} overrides={args.overrides}"
+    )
     # Wall clock is what a user waits for, but on a shared machine it mostly measures the neighbours; CPU time
     # of this process (one thread) measures the work each loop does. Best epoch: the least disturbed one.
     for clock, index in (("wall", 0), ("cpu", 1)):
         h, b = [e[index] for e in harness], [e[index] for e in bare]
-        print(f"{clock:4} clock: harness best {max(h):.0f} / median {statistics.median(h):.0f} images/s; bare loop "
-              f"best {max(b):.0f} / median {statistics.median(b):.0f} images/s; harness / bare: best "
-              f"{max(h) / max(b):.3f}, median {statistics.median(h) / statistics.median(b):.3f}")
+        print(
+            f"{clock:4} clock: harness best {max(h):.0f} / median {statistics.median(h):.0f} images/s; bare loop "
+            f"best {max(b):.0f} / median {statistics.median(b):.0f} images/s; harness / bare: best "
+            f"{max(h) / max(b):.3f}, median {statistics.median(h) / statistics.median(b):.3f}"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -51,9 +51,14 @@ def main() -> None:
             cells = f" {report['train_form/latency_ms']:.1f} | {report['deploy_form/latency_ms']:.1f} |"
         train_params, train_flops = size_of(model, args.size)
         deploy_params, deploy_flops = size_of(deployed, args.size)
-        print(f"| {variant} | {train_params:,} | {train_flops / 1e9:.2f} | {deploy_params:,} | "
-              f"{deploy_flops / 1e9:.2f} |{cells}")
-    print(f"\n{args.classes} classes, {args.size}x{args.size}, batch 1" + (f", {args.threads} threads, median of {args.rounds} rounds" if args.latency else ""))
+        print(
+            f"| {variant} | {train_params:,} | {train_flops / 1e9:.2f} | {deploy_params:,} | "
+            f"{deploy_flops / 1e9:.2f} |{cells}"
+        )
+    print(
+        f"\n{args.classes} classes, {args.size}x{args.size}, batch 1"
+        + (f", {args.threads} threads, median of {args.rounds} rounds" if args.latency else "")
+    )
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
         # Only what the audit needs is resolved: other groups may interpolate Hydra's runtime (run dirs, ...).
-        data = {key: OmegaConf.select(cfg, f"data.{key}") for key in ("in_channels", "image_size")}
+        shape = {key: OmegaConf.select(cfg, f"data_shape.{key}") for key in ("in_channels", "image_size")}
         model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
-        return {"data": {key: value for key, value in data.items() if value is not None}, "model": model}
+        return {"data_shape": {key: value for key, value in shape.items() if value is not None}, "model": model}
     except (HydraException, OmegaConfBaseException) as error:
         raise InspectError(f"cannot compose the model config from overrides {overrides}: {error}") from error
 
@@ -61,7 +61,7 @@ def build_model(config: Mapping[str, Any], **kwargs: Any) -> nn.Module:
 
 
 def example_input(config: Mapping[str, Any], shape: str | None) -> torch.Tensor:
-    """A random batch: of ``shape`` ('1,3,64,64') if given, else (1, data.in_channels, image_size, image_size)."""
+    """A random batch: of ``shape`` ('1,3,64,64') if given, else (1, data_shape.in_channels, image_size, image_size)."""
     if shape:
         try:
             dims = tuple(int(dim) for dim in shape.split(","))
@@ -70,9 +70,12 @@ def example_input(config: Mapping[str, Any], shape: str | None) -> torch.Tensor:
         if not dims or min(dims) < 1:
             raise InspectError(f"--input-shape {shape!r} is not allowed: give positive sizes such as 1,3,64,64")
         return torch.randn(dims)
-    data = config.get("data") or {}
+    # Checkpoints written before data_shape existed keep these keys in their data config.
+    data = config.get("data_shape") or config.get("data") or {}
     if "in_channels" not in data or "image_size" not in data:
-        raise InspectError("the config names no data.in_channels and data.image_size: pass --input-shape N,C,H,W")
+        raise InspectError(
+            "the config names no data_shape.in_channels and data_shape.image_size: pass --input-shape N,C,H,W"
+        )
     size = data["image_size"]
     height, width = (size, size) if isinstance(size, int) else size
     return torch.randn(1, data["in_channels"], height, width)

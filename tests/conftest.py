@@ -12,8 +12,13 @@ def wandb_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """wandb disabled (no network, no account) and writing nowhere but the test's temp dir."""
     wandb_dir = tmp_path / "wandb-home"
     wandb_dir.mkdir()
-    for name, value in {"WANDB_MODE": "disabled", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true",
-                        "WANDB_CONFIG_DIR": str(wandb_dir), "WANDB_CACHE_DIR": str(wandb_dir)}.items():
+    for name, value in {
+        "WANDB_MODE": "disabled",
+        "WANDB_DIR": str(wandb_dir),
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(wandb_dir),
+        "WANDB_CACHE_DIR": str(wandb_dir),
+    }.items():
         monkeypatch.setenv(name, value)
     return wandb_dir
 

@@ -37,8 +37,8 @@ from repablate.analysis import (
     to_markdown,
     write_report,
 )
-from repablate.analysis._io import write_text_atomic
 from repablate.analysis.synthetic import write_synthetic_sweep
+from repablate.results import write_atomically as write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 ACC = "deploy_form/test/acc"
@@ -46,14 +46,25 @@ ACC = "deploy_form/test/acc"
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "repablate.analysis", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "repablate.analysis", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    return write_synthetic_sweep(tmp_path_factory.mktemp("sweep"), variants=("plain", "repconv_n", "repconv"),
-                                 seeds=(0, 1, 2), failed=1, missing=1)
+    return write_synthetic_sweep(
+        tmp_path_factory.mktemp("sweep"),
+        variants=("plain", "repconv_n", "repconv"),
+        seeds=(0, 1, 2),
+        failed=1,
+        missing=1,
+    )
 
 
 def results_files(sweep_dir: Path) -> list[dict]:
@@ -61,6 +72,7 @@ def results_files(sweep_dir: Path) -> list[dict]:
 
 
 # --- statistics against scipy and textbook numbers -------------------------------------------------------------
+
 
 def test_summary_on_known_numbers():
     s = summarize([1.0, 2.0, 3.0, 4.0])
@@ -88,8 +100,11 @@ finite = st.floats(-1e3, 1e3, allow_nan=False)
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(finite, min_size=2, max_size=12), st.lists(finite, min_size=2, max_size=12),
-       st.sampled_from([0.8, 0.9, 0.95, 0.99]))
+@given(
+    st.lists(finite, min_size=2, max_size=12),
+    st.lists(finite, min_size=2, max_size=12),
+    st.sampled_from([0.8, 0.9, 0.95, 0.99]),
+)
 def test_statistics_match_scipy(x, y, confidence):
     """Against scipy directly, relative tolerance 1e-9 (absolute 1e-9 near zero)."""
     s = summarize(x, confidence)
@@ -119,6 +134,7 @@ def test_statistics_undefined_cases_are_nan():
 
 # --- collection --------------------------------------------------------------------------------------------------
 
+
 def test_collect_reports_failed_and_missing_jobs(sweep):
     runs = collect_runs(sweep)
     assert len(runs) == 3 * 3 + 2
@@ -131,8 +147,11 @@ def test_collect_reports_failed_and_missing_jobs(sweep):
 
 def test_collect_is_tolerant(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "results.json").write_text(json.dumps(
-        {"status": "completed", "variant": "x", "seed": 0, "new/key": 1.5, "grad/warnings": ["w1"], "error": None}))
+    (tmp_path / "a" / "results.json").write_text(
+        json.dumps(
+            {"status": "completed", "variant": "x", "seed": 0, "new/key": 1.5, "grad/warnings": ["w1"], "error": None}
+        )
+    )
     (tmp_path / "b" / ".hydra").mkdir(parents=True)
     (tmp_path / "b" / "results.json").write_text("{not json")
     runs = collect_runs(tmp_path).set_index("status")
@@ -187,8 +206,17 @@ def test_results_without_status_or_variant_are_invalid_not_dropped(tmp_path):
 def test_diverged_and_interrupted_runs_are_listed_never_averaged(tmp_path):
     write_job(tmp_path / "0", {"status": "completed", "variant": "plain", "seed": 0, ACC: 0.9})
     write_job(tmp_path / "1", {"status": "completed", "variant": "plain", "seed": 1, ACC: 0.8})
-    write_job(tmp_path / "2", {"status": "diverged", "variant": "plain", "seed": 2, ACC: 0.1, "diverged_at_step": 37,
-                               "error": "FloatingPointError: non-finite loss"})
+    write_job(
+        tmp_path / "2",
+        {
+            "status": "diverged",
+            "variant": "plain",
+            "seed": 2,
+            ACC: 0.1,
+            "diverged_at_step": 37,
+            "error": "FloatingPointError: non-finite loss",
+        },
+    )
     write_job(tmp_path / "3", {"status": "interrupted", "variant": "plain", "seed": 3, ACC: 0.2, "error": "SIGTERM"})
     runs = collect_runs(tmp_path)
     table = ablation_table(runs, metrics=[ACC])
@@ -269,9 +297,15 @@ def test_wandb_runs_give_the_same_columns(sweep):
     fake_runs = []
     for record in results_files(sweep):
         summary = {k: v for k, v in record.items() if not k.startswith("config/")}
-        config = {"optimizer": {"lr": record["config/optimizer.lr"]}, "trainer": {"max_epochs": 3}, "seed": record["seed"]}
+        config = {
+            "optimizer": {"lr": record["config/optimizer.lr"]},
+            "trainer": {"max_epochs": 3},
+            "seed": record["seed"],
+        }
         state = "finished" if record["status"] == "completed" else "failed"
-        fake_runs.append(SimpleNamespace(summary=summary, config=config, state=state, path=["me", "proj", str(len(fake_runs))]))
+        fake_runs.append(
+            SimpleNamespace(summary=summary, config=config, state=state, path=["me", "proj", str(len(fake_runs))])
+        )
     api = SimpleNamespace(runs=lambda path, filters=None: fake_runs if path == "me/proj" else [])
     remote = collect_wandb("me/proj", group="article", api=api)
     assert set(done.columns) - {"overrides"} <= set(remote.columns)
@@ -283,6 +317,7 @@ def test_wandb_runs_give_the_same_columns(sweep):
 
 
 # --- tables ------------------------------------------------------------------------------------------------------
+
 
 def test_table_values_equal_the_run_files(sweep):
     table = ablation_table(collect_runs(sweep), metrics=[ACC, "deploy_form/latency_ms"], baseline="plain")
@@ -353,7 +388,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     def explode(_):
         raise Boom
 
-    from repablate.analysis._io import write_atomic
+    from repablate.results import write_atomically as write_atomic
 
     with pytest.raises(Boom):
         write_atomic(target, explode)
@@ -363,13 +398,17 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 # --- figures -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF"), ("svg", b"<?xml")])
 def test_every_figure_renders_to_a_file(sweep, tmp_path, suffix, magic):
     runs = collect_runs(sweep)
     gradients = load_branch_gradients(runs)
     assert set(gradients["branch"]) == {"dense", "1x1", "identity"} and gradients["variant"].notna().all()
-    for name, figure in {"acc": accuracy_vs_latency(runs), "forms": forms_comparison(runs),
-                         "grads": branch_gradient_shares(gradients)}.items():
+    for name, figure in {
+        "acc": accuracy_vs_latency(runs),
+        "forms": forms_comparison(runs),
+        "grads": branch_gradient_shares(gradients),
+    }.items():
         path = save_figure(figure, tmp_path / f"{name}.{suffix}")
         assert path.read_bytes().startswith(magic), name
     axes = accuracy_vs_latency(runs).axes[0]
@@ -393,7 +432,11 @@ def test_figures_colour_runs_by_their_table_row(sweep, tmp_path):
     runs = collect_runs(sweep)
     labels = group_labels(runs, ["variant", "optimizer.lr"])
     table = ablation_table(runs, metrics=[ACC], by=["variant", "optimizer.lr"])
-    assert set(labels[runs["status"] == "completed"]) == set(table.index) == {"plain,0.01", "repconv,0.01", "repconv_n,0.01"}
+    assert (
+        set(labels[runs["status"] == "completed"])
+        == set(table.index)
+        == {"plain,0.01", "repconv,0.01", "repconv_n,0.01"}
+    )
     figure = accuracy_vs_latency(runs.assign(row=labels), by="row")
     assert sorted(t.get_text() for t in figure.axes[0].get_legend().get_texts()) == sorted(table.index)
     report = write_report(runs, tmp_path, by=["variant", "optimizer.lr"])
@@ -402,7 +445,9 @@ def test_figures_colour_runs_by_their_table_row(sweep, tmp_path):
 
 def test_report_skips_figures_whose_data_is_absent(tmp_path):
     (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "results.json").write_text(json.dumps({"status": "completed", "variant": "plain", "seed": 0, ACC: 0.5}))
+    (tmp_path / "0" / "results.json").write_text(
+        json.dumps({"status": "completed", "variant": "plain", "seed": 0, ACC: 0.5})
+    )
     report = write_report(collect_runs(tmp_path), tmp_path / "out")
     assert report.table.loc["plain", (ACC, "n")] == 1
     assert set(report.skipped) == {"accuracy_vs_latency", "forms_flops_latency", "branch_gradients"}
@@ -410,6 +455,8 @@ def test_report_skips_figures_whose_data_is_absent(tmp_path):
 
 # --- command line and layering -----------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 def test_cli_writes_tables_and_figures(sweep, tmp_path):
     out = tmp_path / "out"
     done = run_cli(str(sweep), "--baseline", "plain", "--out", str(out))
@@ -417,10 +464,19 @@ def test_cli_writes_tables_and_figures(sweep, tmp_path):
     assert "9 completed, 2 failed or missing (1 failed, 1 missing)" in done.stdout
     assert "synthetic failure" in done.stdout
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert files == {"table.md", "table.tex", "table.csv", "runs.csv", "failures.csv", "figures/accuracy_vs_latency.png",
-                     "figures/forms_flops_latency.png", "figures/branch_gradients.png"}
+    assert files == {
+        "table.md",
+        "table.tex",
+        "table.csv",
+        "runs.csv",
+        "failures.csv",
+        "figures/accuracy_vs_latency.png",
+        "figures/forms_flops_latency.png",
+        "figures/branch_gradients.png",
+    }
 
 
+@pytest.mark.slow
 def test_cli_logs_tables_and_figures_to_an_offline_wandb_run(sweep, tmp_path):
     out = tmp_path / "out"
     done = run_cli(str(sweep), "--baseline", "plain", "--out", str(out), "--wandb")
@@ -431,6 +487,7 @@ def test_cli_logs_tables_and_figures_to_an_offline_wandb_run(sweep, tmp_path):
     assert len([m for m in media if "/images/" in m and m.endswith(".png")]) == 3
 
 
+@pytest.mark.slow
 def test_cli_bad_input_names_the_value(sweep, tmp_path):
     bad = run_cli(str(sweep), "--baseline", "resnet", "--out", str(tmp_path))
     assert bad.returncode == 2 and "baseline 'resnet'" in bad.stderr and "plain" in bad.stderr
@@ -441,10 +498,18 @@ def test_cli_bad_input_names_the_value(sweep, tmp_path):
 
 
 def test_analysis_never_imports_training_code():
-    code = ("import sys, repablate.analysis, repablate.analysis.__main__; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning') "
-            "or m.startswith(('repablate.train', 'repablate.models', 'repablate.data', 'repablate.bench'))))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, repablate.analysis, repablate.analysis.__main__; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning') "
+        "or m.startswith(('repablate.train', 'repablate.models', 'repablate.data', 'repablate.bench'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

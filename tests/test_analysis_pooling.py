@@ -27,8 +27,15 @@ from tests.test_analysis import ACC, run_cli
 # The config keys that differed between seed 0 and seed 1 of one real configuration (a two-seed multirun of
 # +variant=repconv with the default loggers, results.json compared key by key).
 REAL_BOOKKEEPING_KEYS = (
-    "callbacks.branch_gradients.csv_path", "callbacks.checkpoint.dirpath", "callbacks.deploy_check.checkpoint_path",
-    "data.seed", "logger.csv.save_dir", "logger.wandb.name", "logger.wandb.save_dir", "paths.run_dir", "seed",
+    "callbacks.branch_gradients.csv_path",
+    "callbacks.checkpoint.dirpath",
+    "callbacks.deploy_check.checkpoint_path",
+    "data.seed",
+    "logger.csv.save_dir",
+    "logger.wandb.name",
+    "logger.wandb.save_dir",
+    "paths.run_dir",
+    "seed",
     "trainer.default_root_dir",
 )
 
@@ -37,17 +44,33 @@ def record(run_dir: Path, variant: str, seed: int, lr: float = 0.1, acc: float =
     """A results.json shaped like a real one: the run's keys, the config keys that matter, the bookkeeping keys
     that differ between seeds, and metrics for the table and the figures."""
     return {
-        "status": "completed", "error": None, "variant": variant, "seed": seed, "run_dir": str(run_dir),
-        "config/variant": variant, "config/seed": seed, "config/data.seed": seed, "config/optimizer.lr": lr,
-        "config/trainer.max_epochs": 1, "config/ckpt_path": None, "config/paths.run_dir": str(run_dir),
-        "config/paths.data_dir": "data", "config/trainer.default_root_dir": str(run_dir),
+        "status": "completed",
+        "error": None,
+        "variant": variant,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "config/variant": variant,
+        "config/seed": seed,
+        "config/data.seed": seed,
+        "config/optimizer.lr": lr,
+        "config/trainer.max_epochs": 1,
+        "config/ckpt_path": None,
+        "config/paths.run_dir": str(run_dir),
+        "config/paths.data_dir": "data",
+        "config/trainer.default_root_dir": str(run_dir),
         "config/callbacks.checkpoint.dirpath": f"{run_dir}/checkpoints",
         "config/callbacks.branch_gradients.csv_path": f"{run_dir}/branch_gradients.csv",
         "config/callbacks.deploy_check.checkpoint_path": f"{run_dir}/checkpoints/deploy.pt",
-        "config/logger.csv.save_dir": str(run_dir), "config/logger.wandb.save_dir": str(run_dir),
-        "config/logger.wandb.name": f"{variant}-s{seed}", "config/logger.wandb.group": variant,
-        ACC: acc, "deploy_form/latency_ms": 2.0 + seed / 10, "train_form/latency_ms": 3.0 + seed / 10,
-        "train_form/flops": 2.2e7, "deploy_form/flops": 2e7, **extra,
+        "config/logger.csv.save_dir": str(run_dir),
+        "config/logger.wandb.save_dir": str(run_dir),
+        "config/logger.wandb.name": f"{variant}-s{seed}",
+        "config/logger.wandb.group": variant,
+        ACC: acc,
+        "deploy_form/latency_ms": 2.0 + seed / 10,
+        "train_form/latency_ms": 3.0 + seed / 10,
+        "train_form/flops": 2.2e7,
+        "deploy_form/flops": 2e7,
+        **extra,
     }
 
 
@@ -71,6 +94,7 @@ def lr_sweep(tmp_path) -> Path:
 
 
 # --- refusing, splitting, pooling on purpose ------------------------------------------------------------------
+
 
 def test_a_row_never_averages_different_learning_rates(lr_sweep):
     runs = collect_runs(lr_sweep)
@@ -140,15 +164,31 @@ def test_only_completed_runs_are_checked(tmp_path):
 
 # --- the bookkeeping keys -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("key", REAL_BOOKKEEPING_KEYS)
 def test_keys_that_follow_the_seed_or_the_run_directory_are_ignored(key):
     assert is_bookkeeping(key)
 
 
-@pytest.mark.parametrize("key", ["optimizer.lr", "lr_scale", "trainer.max_epochs", "trainer.gradient_clip_val",
-                                 "data.root", "data.batch_size", "block.use_1x1", "model._target_", "threads",
-                                 "callbacks.deploy_check.bench.warmup", "callbacks.branch_gradients.every_n_steps",
-                                 "variant", "init._target_", "deterministic"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "optimizer.lr",
+        "lr_scale",
+        "trainer.max_epochs",
+        "trainer.gradient_clip_val",
+        "data.root",
+        "data.batch_size",
+        "block.use_1x1",
+        "model._target_",
+        "threads",
+        "callbacks.deploy_check.bench.warmup",
+        "callbacks.branch_gradients.every_n_steps",
+        "variant",
+        "init._target_",
+        "deterministic",
+    ],
+)
 def test_keys_that_change_a_run_are_compared(key):
     assert not is_bookkeeping(key)
 
@@ -159,8 +199,12 @@ def test_every_ignored_pattern_says_why():
 
 def test_seeds_of_one_configuration_pool_despite_their_bookkeeping(tmp_path):
     write_sweep(tmp_path / "a", [("repconv", s, 0.1) for s in (0, 1)])
-    resumed_elsewhere = {"config/hydra.job.num": 7, "config/analysis.by": '["variant"]',
-                         "config/logger.wandb.offline": False, "config/ckpt_path": "x.ckpt"}
+    resumed_elsewhere = {
+        "config/hydra.job.num": 7,
+        "config/analysis.by": '["variant"]',
+        "config/logger.wandb.offline": False,
+        "config/ckpt_path": "x.ckpt",
+    }
     write_sweep(tmp_path / "b", [("repconv", 2, 0.1)], **resumed_elsewhere)
     runs = collect_runs(tmp_path)
     assert check_pooling(runs, ["variant"]) == {}
@@ -168,6 +212,7 @@ def test_seeds_of_one_configuration_pool_despite_their_bookkeeping(tmp_path):
 
 
 # --- figures and the report pool the same way -------------------------------------------------------------------
+
 
 def test_figures_refuse_what_the_table_refuses(lr_sweep, tmp_path):
     runs = collect_runs(lr_sweep)
@@ -195,12 +240,14 @@ def test_report_refuses_or_splits_or_pools(lr_sweep, tmp_path):
     assert "pooled on purpose: optimizer.lr (0.1, 1000)" in pooled.files["markdown"].read_text()
 
 
+@pytest.mark.slow
 def test_cli_refuses_with_the_fix_and_pools_when_told(lr_sweep, tmp_path):
     refused = run_cli(str(lr_sweep), "--metrics", ACC, "--out", str(tmp_path / "a"), "--no-figures")
     assert refused.returncode == 2 and "optimizer.lr = 0.1 (2 runs) | 1000 (2 runs)" in refused.stderr
     assert "--by variant,optimizer.lr" in refused.stderr
-    split = run_cli(str(lr_sweep), "--by", "variant,optimizer.lr", "--metrics", ACC, "--out", str(tmp_path / "b"),
-                    "--no-figures")
+    split = run_cli(
+        str(lr_sweep), "--by", "variant,optimizer.lr", "--metrics", ACC, "--out", str(tmp_path / "b"), "--no-figures"
+    )
     assert split.returncode == 0, split.stderr
     assert list(pd.read_csv(tmp_path / "b" / "table.csv", index_col=0).index) == ["repconv,0.1", "repconv,1000"]
     for flags in (["--pool", "optimizer.lr"], ["--pool-all"]):

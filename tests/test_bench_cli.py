@@ -25,6 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_quick_mode_prints_the_table_and_writes_csv(tmp_path):
     out = tmp_path / "sub" / "bench.csv"
     result = run_cli("--quick", "--threads", "1", "--out", str(out))

@@ -16,8 +16,12 @@ from repablate.nn import RepConv, reparameterize
 from repablate.train.callbacks import DeployCheck
 from repablate.train.checkpoints import CheckpointError, build_model, check_model_config, read_checkpoint
 
-SMALL = {"_target_": "repablate.models.small", "num_classes": 10, "in_channels": 1,
-         "block": {"_target_": "repablate.nn.RepConv", "_partial_": True, "k": 3}}
+SMALL = {
+    "_target_": "repablate.models.small",
+    "num_classes": 10,
+    "in_channels": 1,
+    "block": {"_target_": "repablate.nn.RepConv", "_partial_": True, "k": 3},
+}
 CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -138,7 +142,9 @@ def test_a_target_outside_the_allow_list_is_refused(model_config, where):
         build_model(model_config)
     message = str(error.value)
     assert f"at {where} is not allowed" in message
-    assert all(part in message for part in ("allowed targets: repablate.models.{", " small", "repablate.nn.{", "torch.nn.{"))
+    assert all(
+        part in message for part in ("allowed targets: repablate.models.{", " small", "repablate.nn.{", "torch.nn.{")
+    )
 
 
 def test_targets_are_checked_before_anything_is_built(monkeypatch):
@@ -147,8 +153,11 @@ def test_targets_are_checked_before_anything_is_built(monkeypatch):
 
     built = []
     monkeypatch.setattr(checkpoints, "instantiate", lambda *args, **kwargs: built.append(args))
-    config = {**SMALL, "block": {**SMALL["block"], "act": {"_target_": "torch.nn.ReLU"}},
-              "zz": [{"_target_": "torch.nn.SiLU"}, {"_target_": "os.system"}]}
+    config = {
+        **SMALL,
+        "block": {**SMALL["block"], "act": {"_target_": "torch.nn.ReLU"}},
+        "zz": [{"_target_": "torch.nn.SiLU"}, {"_target_": "os.system"}],
+    }
     with pytest.raises(CheckpointError, match=r"'os.system' at model.zz\[1\] is not allowed"):
         build_model(config)
     assert built == []
@@ -192,10 +201,20 @@ def test_every_shipped_model_and_block_passes_the_allow_list(model, block):
 
 
 def test_defining_module_spellings_and_torch_activations_build():
-    config = {"_target_": "repablate.models.classifier.RepVGGClassifier", "num_classes": 3, "in_channels": 1,
-              "widths": [4], "depths": [1], "strides": [1],
-              "block": {"_target_": "repablate.nn.blocks.RepConv", "_partial_": True, "k": 3,
-                        "act": {"_target_": "torch.nn.LeakyReLU", "negative_slope": 0.1}}}
+    config = {
+        "_target_": "repablate.models.classifier.RepVGGClassifier",
+        "num_classes": 3,
+        "in_channels": 1,
+        "widths": [4],
+        "depths": [1],
+        "strides": [1],
+        "block": {
+            "_target_": "repablate.nn.blocks.RepConv",
+            "_partial_": True,
+            "k": 3,
+            "act": {"_target_": "torch.nn.LeakyReLU", "negative_slope": 0.1},
+        },
+    }
     model = build_model(config)
     assert isinstance(model, RepVGGClassifier)
     assert any(isinstance(module, nn.LeakyReLU) for module in model.modules())
@@ -214,17 +233,26 @@ def test_deploy_check_verifies_a_real_deploy_checkpoint(tmp_path):
 # --- what a real run writes ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_checkpoints_of_a_real_run_read_weights_only_and_inspect_cleanly(compose_config, tmp_path, capsys):
     from repablate import inspect as inspect_cli
     from repablate.train.main import run
 
     run_dir = tmp_path / "run"
     # EMA weight averaging adds its own entries (averaging_state, current_model_state) to Lightning's checkpoints.
-    cfg = compose_config("+variant=repconv", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                         "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "logger=csv",
-                         "+callbacks.deploy_check.bench.latency=false", "callbacks.progress_bar.refresh_rate=0",
-                         "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
-                         "+callbacks.ema.decay=0.9", run_dir=run_dir)
+    cfg = compose_config(
+        "+variant=repconv",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "logger=csv",
+        "+callbacks.deploy_check.bench.latency=false",
+        "callbacks.progress_bar.refresh_rate=0",
+        "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
+        "+callbacks.ema.decay=0.9",
+        run_dir=run_dir,
+    )
     assert run(cfg, run_dir)["status"] == "completed"
     files = sorted((run_dir / "checkpoints").iterdir())
     assert {path.name for path in files} == {"best-0.ckpt", "deploy.pt", "last.ckpt"}

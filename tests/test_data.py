@@ -35,6 +35,7 @@ def digits() -> DigitsDataModule:
 
 # --- digits -------------------------------------------------------------------------------------------------
 
+
 def test_digits_split_sizes_are_disjoint_and_cover_everything(digits):
     indices = digits.split_indices
     assert {name: len(idx) for name, idx in indices.items()} == {"train": 1257, "val": 180, "test": 360}
@@ -73,8 +74,11 @@ def test_digits_loaders_serve_whole_batches(digits):
 
 @pytest.mark.parametrize(
     "kwargs, bad",
-    [({"batch_size": 0}, "batch_size=0"), ({"seed": -1}, "seed=-1"), ({"val_size": 1000, "test_size": 1000},
-                                                                       "val_size=1000")],
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"seed": -1}, "seed=-1"),
+        ({"val_size": 1000, "test_size": 1000}, "val_size=1000"),
+    ],
 )
 def test_digits_bad_arguments(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
@@ -87,6 +91,7 @@ def test_batch_larger_than_training_split_is_refused():
 
 
 # --- batch serving ------------------------------------------------------------------------------------------
+
 
 def epoch_orders(sampler: SeededBatchSampler, epochs: int) -> list[list[int]]:
     return [[i for batch in sampler for i in batch.tolist()] for _ in range(epochs)]
@@ -130,8 +135,15 @@ class _RecordFirstLabels(L.LightningModule):
 def test_lightning_sets_the_epoch_so_orders_are_reproducible(tmp_path):
     data = TensorBatches(torch.arange(40).float()[:, None], torch.arange(40))
     module = _RecordFirstLabels()
-    trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     trainer.fit(module, train_dataloaders=batch_loader(data, 8, shuffle=True, seed=5, drop_last=True))
     for epoch in range(3):
         sampler = SeededBatchSampler(40, 8, shuffle=True, seed=5, drop_last=True)
@@ -140,6 +152,7 @@ def test_lightning_sets_the_epoch_so_orders_are_reproducible(tmp_path):
 
 
 # --- shapes -------------------------------------------------------------------------------------------------
+
 
 def test_shapes_splits_sizes_and_standardization():
     data = ShapesDataModule(batch_size=32, difficulty=0.5, train_size=120, val_size=30, test_size=36)
@@ -189,8 +202,12 @@ def test_difficulty_knob_goes_from_trivial_to_hard():
 
 
 @pytest.mark.parametrize(
-    "kwargs, bad", [({"difficulty": 1.5}, "difficulty=1.5"), ({"num_classes": 9}, "num_classes=9"),
-                    ({"train_size": 0}, "train_size=0")],
+    "kwargs, bad",
+    [
+        ({"difficulty": 1.5}, "difficulty=1.5"),
+        ({"num_classes": 9}, "num_classes=9"),
+        ({"train_size": 0}, "train_size=0"),
+    ],
 )
 def test_shapes_bad_arguments(kwargs, bad):
     with pytest.raises(ValueError, match=bad):
@@ -199,20 +216,21 @@ def test_shapes_bad_arguments(kwargs, bad):
 
 # --- CIFAR and ImageFolder ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
-def test_cifar_missing_root_names_path_and_download_switch(tmp_path, variant):
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_missing_root_names_path_and_download_switch(tmp_path, name):
     root = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="download=true") as error:
-        CIFARDataModule(str(root), variant=variant)
-    assert str(root) in str(error.value) and variant in str(error.value)
+        CIFARDataModule(str(root), name=name)
+    assert str(root) in str(error.value) and name in str(error.value)
     assert not root.exists()  # nothing was created, nothing downloaded
 
 
-def test_cifar_bad_variant_and_download_is_only_on_request(tmp_path):
-    with pytest.raises(ValueError, match="variant='svhn'"):
-        CIFARDataModule(str(tmp_path), variant="svhn")
-    data = CIFARDataModule(str(tmp_path / "later"), variant="cifar100", download=True)  # fetched in prepare_data
-    assert data.num_classes == 100 and not (tmp_path / "later").exists()
+def test_cifar_bad_name_and_download_is_only_on_request(tmp_path):
+    with pytest.raises(ValueError, match="name='svhn'"):
+        CIFARDataModule(str(tmp_path), name="svhn")
+    data = CIFARDataModule(str(tmp_path / "later"), name="cifar100", download=True)  # fetched in prepare_data
+    assert data.num_classes == 100 and data.name == "cifar100" and not (tmp_path / "later").exists()
 
 
 def test_imagefolder_missing_root(tmp_path):
@@ -268,6 +286,7 @@ def test_imagefolder_with_train_and_val_folders(tmp_path):
 
 # --- batch transforms ---------------------------------------------------------------------------------------
 
+
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 6), h=st.integers(1, 7), w=st.integers(1, 7), pad=st.integers(0, 3), seed=st.integers(0, 99))
 def test_random_crop_flip_returns_a_crop_or_flipped_crop_of_the_padded_image(n, h, w, pad, seed):
@@ -275,7 +294,9 @@ def test_random_crop_flip_returns_a_crop_or_flipped_crop_of_the_padded_image(n, 
     out = random_crop_flip(images, pad, torch.Generator().manual_seed(seed))
     padded = torch.nn.functional.pad(images, [pad] * 4)
     for image, result in zip(padded, out, strict=True):
-        candidates = [image[:, top:top + h, left:left + w] for top in range(2 * pad + 1) for left in range(2 * pad + 1)]
+        candidates = [
+            image[:, top : top + h, left : left + w] for top in range(2 * pad + 1) for left in range(2 * pad + 1)
+        ]
         candidates += [c.flip(-1) for c in candidates]
         assert any(torch.equal(result, c) for c in candidates)
 

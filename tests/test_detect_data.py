@@ -44,13 +44,20 @@ def test_letterbox_maps_boxes_into_the_padded_square(tmp_path):
 
 def test_flip_moves_boxes_with_the_image(tmp_path):
     folder = YoloImageFolder(
-        _tiny_yolo_set(tmp_path, "0 0.25 0.5 0.1 0.2").parent / "images" / "train", num_classes=2, image_size=64,
-        augment=True, flip=1.0, brightness=0, saturation=0, hue=0,
+        _tiny_yolo_set(tmp_path, "0 0.25 0.5 0.1 0.2").parent / "images" / "train",
+        num_classes=2,
+        image_size=64,
+        augment=True,
+        flip=1.0,
+        brightness=0,
+        saturation=0,
+        hue=0,
     )
     plain = YoloImageFolder(tmp_path / "images" / "train", num_classes=2, image_size=64)
     (flipped, flipped_targets), (image, targets) = folder[0], plain[0]
     assert torch.equal(flipped, image.flip(-1))
-    assert torch.allclose(flipped_targets[:, 1], 64 - targets[:, 1]) and torch.equal(flipped_targets[:, 2:], targets[:, 2:])
+    assert torch.allclose(flipped_targets[:, 1], 64 - targets[:, 1])
+    assert torch.equal(flipped_targets[:, 2:], targets[:, 2:])
 
 
 @pytest.mark.parametrize("line", ["5 0.5 0.5 0.1 0.1", "1 0.5 0.5 0.1", "a b c d e", "0 -0.1 0.5 0.1 0.1"])

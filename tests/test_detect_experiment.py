@@ -19,15 +19,19 @@ from repablate.nn import RepConv
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize(("variant", "repconvs", "identities"), [("plain", 0, 0), ("repconv", 19, 16), ("repconv_n", 19, 0)])
+@pytest.mark.parametrize(
+    ("variant", "repconvs", "identities"), [("plain", 0, 0), ("repconv", 19, 16), ("repconv_n", 19, 0)]
+)
 def test_table_rows_build_the_intended_models(compose_config, variant, repconvs, identities):
     cfg = compose_config("+experiment=yolov7_tiny_table", f"+variant={variant}")
     assert cfg.task.module._target_ == "repablate.train.detect.DetectionModule"
-    assert cfg.data.image_size == 64 and cfg.trainer.max_time == "00:00:15:00"
+    assert cfg.data_shape.image_size == 64 and cfg.trainer.max_time == "00:00:15:00"
+    # callbacks=ema: the default callbacks, then Lightning's EMA of the weights with decay 0.99.
+    assert list(cfg.callbacks)[-2:] == ["deploy_check", "ema"] and cfg.callbacks.ema.decay == 0.99
     model = instantiate(cfg.model)
     blocks = [m for m in model.modules() if isinstance(m, RepConv)]
     assert len(blocks) == repconvs and sum(b.rbr_identity is not None for b in blocks) == identities
-    assert model.detect.nc == cfg.data.num_classes == 6
+    assert model.detect.nc == cfg.data_shape.num_classes == 6
     leaky = [m for m in model.modules() if isinstance(m, nn.LeakyReLU)]
     assert leaky and not any(isinstance(m, nn.SiLU) for m in model.modules())  # tiny's activation everywhere
 
@@ -37,12 +41,25 @@ def test_experiment_runs_under_fast_dev_run(tmp_path):
     env = dict(os.environ, WANDB_MODE="disabled", REPABLATE_CACHE=str(tmp_path / "cache"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     overrides = [
-        "+experiment=yolov7_tiny_table", "seed=0", "+variant=repconv", "trainer.fast_dev_run=true",
-        "data.num_train=8", "data.num_val=4", "data.batch_size=4", "callbacks.deploy_check.measure_batch_size=1",
-        "+callbacks.deploy_check.bench.warmup=1", "+callbacks.deploy_check.bench.min_run_time=0.01",
+        "+experiment=yolov7_tiny_table",
+        "seed=0",
+        "+variant=repconv",
+        "trainer.fast_dev_run=true",
+        "data.num_train=8",
+        "data.num_val=4",
+        "data.batch_size=4",
+        "callbacks.deploy_check.measure_batch_size=1",
+        "+callbacks.deploy_check.bench.warmup=1",
+        "+callbacks.deploy_check.bench.min_run_time=0.01",
     ]
-    result = subprocess.run([sys.executable, "-m", "repablate", *overrides], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "repablate", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (results,) = (tmp_path / "multirun" / "yolov7_tiny_table").glob("*/*/results.json")
     record = json.loads(results.read_text())

@@ -71,19 +71,23 @@ def test_map_is_one_when_predictions_equal_the_labels(shapes):
 
 
 def test_postprocess_keeps_the_best_of_overlapping_boxes_per_class():
-    decoded = torch.tensor([[
-        [20, 20, 10, 10, 0.9, 1.0, 0.0],   # class 0
-        [21, 20, 10, 10, 0.8, 1.0, 0.0],   # class 0, overlaps the first: suppressed
-        [21, 20, 10, 10, 0.7, 0.0, 1.0],   # class 1 at the same place: kept (NMS is per class)
-        [50, 50, 10, 10, 0.0005, 1.0, 0.0],  # below the confidence threshold
-    ]])
+    decoded = torch.tensor(
+        [
+            [
+                [20, 20, 10, 10, 0.9, 1.0, 0.0],  # class 0
+                [21, 20, 10, 10, 0.8, 1.0, 0.0],  # class 0, overlaps the first: suppressed
+                [21, 20, 10, 10, 0.7, 0.0, 1.0],  # class 1 at the same place: kept (NMS is per class)
+                [50, 50, 10, 10, 0.0005, 1.0, 0.0],  # below the confidence threshold
+            ]
+        ]
+    )
     (result,) = postprocess(decoded, conf_threshold=0.001, iou_threshold=0.5)
     assert result["labels"].tolist() == [0, 1]
     assert torch.allclose(result["scores"], torch.tensor([0.9, 0.7]))
     assert torch.allclose(result["boxes"][0], torch.tensor([15.0, 15.0, 25.0, 25.0]))
 
 
-@pytest.mark.parametrize("variant", ["repconv", "original"])
+@pytest.mark.parametrize("variant", ["repconv", "plain"])
 def test_deploy_form_detections_equal_training_form(shapes, variant):
     torch.manual_seed(0)
     model = YOLOv7Tiny(nc=NUM_CLASSES, conv3x3=variant)
@@ -111,9 +115,17 @@ def test_lightning_run_with_ema_weights(shapes, tmp_path):
     # Weight EMA is Lightning's callback; at the end of training the model holds the averaged weights.
     module = _module(YOLOv7Tiny(nc=NUM_CLASSES, conv3x3="repconv_n"))
     ema = EMAWeightAveraging(decay=0.5)
-    trainer = pl.Trainer(max_steps=2, limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                         callbacks=[ema])
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[ema],
+    )
     trainer.fit(module, datamodule=shapes)
     assert {"train/loss", "val/map50", "val/map"} <= set(trainer.callback_metrics)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

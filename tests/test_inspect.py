@@ -45,6 +45,7 @@ def trained(config):
     return model
 
 
+@pytest.mark.slow
 def test_config_path_fused_runs_one_convolution_per_block():
     result = run_cli(*OVERRIDES, "--fuse")
     assert result.returncode == 0, result.stderr
@@ -53,6 +54,7 @@ def test_config_path_fused_runs_one_convolution_per_block():
     assert "native_batch_norm" not in result.stdout
 
 
+@pytest.mark.slow
 def test_deploy_checkpoint_with_unfused_blocks_exits_non_zero(tmp_path, config, trained):
     path = tmp_path / "deploy.pt"
     torch.save({"state_dict": trained.state_dict(), "config": config, "deploy": True}, path)  # fusion skipped
@@ -111,6 +113,7 @@ class _WritesMarker:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, config, trained):
     marker, path = tmp_path / "marker", tmp_path / "deploy.pt"
     state = reparameterize(trained).state_dict()
@@ -132,8 +135,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tmp_path, 
     ],
 )
 @pytest.mark.parametrize("kind", ["deploy", "lightning"])
-def test_a_stored_config_that_names_foreign_code_builds_nothing(tmp_path, config, trained, model_config, message,
-                                                                 kind, capsys):
+def test_a_stored_config_that_names_foreign_code_builds_nothing(
+    tmp_path, config, trained, model_config, message, kind, capsys
+):
     marker = tmp_path / "marker"
     opens_marker = {"_target_": "builtins.open", "_args_": [str(marker), "w"]}  # not on Hydra's own blocklist
     if model_config == "nested":

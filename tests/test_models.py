@@ -57,6 +57,38 @@ def test_repvgg_stage_layout():
     assert repvgg_b0(num_classes=10).depths == [1, 4, 6, 16, 1]
 
 
+def _activations(model: nn.Module) -> list[type]:
+    return [type(m.act) for m in model.modules() if isinstance(m, (Conv, RepConv))]
+
+
+@pytest.mark.parametrize("preset", ["repvgg_a0", "repvgg_a1", "repvgg_b0"])
+def test_repvgg_preset_from_config_is_the_python_preset_with_relu(compose_config, preset):
+    from hydra.utils import instantiate
+
+    configured = instantiate(compose_config(f"model={preset}", "data=cifar10").model)
+    built = PRESETS[preset][0](num_classes=10, in_channels=3)
+    assert set(_activations(configured)) == set(_activations(built)) == {nn.ReLU}
+    assert str(configured) == str(built)
+
+
+@pytest.mark.parametrize("block", ["plain", "repconv_n"])
+def test_repvgg_preset_puts_relu_after_any_block_and_small_keeps_the_blocks_own(compose_config, block):
+    from hydra.utils import instantiate
+
+    preset = instantiate(compose_config("model=repvgg_a0", f"block={block}").model)
+    assert set(_activations(preset)) == {nn.ReLU}
+    assert set(_activations(instantiate(compose_config("model=small", f"block={block}").model))) == {nn.SiLU}
+
+
+def test_act_is_built_once_per_block_and_passed_to_it():
+    model = small(block=functools.partial(Conv, k=3), act=nn.GELU)
+    acts = [m.act for m in model.modules() if isinstance(m, Conv)]
+    assert len(acts) == 5 and all(type(a) is nn.GELU for a in acts) and len({id(a) for a in acts}) == 5
+    assert set(_activations(repvgg_a0(num_classes=10, block=functools.partial(Conv, k=3)))) == {nn.ReLU}
+    assert set(_activations(repvgg_a0(num_classes=10, act=None, block=functools.partial(Conv, k=3)))) == {nn.SiLU}
+    assert set(_activations(RepVGGClassifier(3, 1, widths=(4,), depths=(2,), act=nn.Hardswish))) == {nn.Hardswish}
+
+
 def test_small_is_small_and_keeps_8x8_spatial():
     model = small()
     assert 3_000 <= n_params(model) <= 60_000
@@ -113,9 +145,7 @@ def test_bad_num_classes():
 
 @settings(max_examples=12, deadline=None)
 @given(
-    stages=st.lists(
-        st.tuples(st.integers(1, 6), st.integers(1, 3), st.integers(1, 2)), min_size=1, max_size=3
-    ),
+    stages=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 3), st.integers(1, 2)), min_size=1, max_size=3),
     in_channels=st.integers(1, 3),
     num_classes=st.integers(1, 7),
     size=st.integers(3, 12),

@@ -1,6 +1,6 @@
 """Property tests: every RepConv a user can build fuses into one conv computing the same function.
 
-Tolerances (issue 2): float32 atol 1e-5 / rtol 1e-4; float64 atol = rtol = 1e-10. BN statistics are random and
+Tolerances: float32 atol 1e-5 / rtol 1e-4; float64 atol = rtol = 1e-10. BN statistics are random and
 far from the defaults (mean != 0, var != 1, gamma of either sign, beta != 0, eps up to 0.1), so a fusion that
 ignores any of them fails. ``equivalence_error`` is exact where it must be: 0 for identical finite models, inf
 wherever either output holds a NaN or an infinity.
@@ -165,7 +165,10 @@ def test_a_non_finite_output_is_never_equivalent(seed, numel, bad, where, positi
     finite = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     broken = finite.clone()
     broken[int(position * numel)] = bad
-    train, deploy = (broken if where in ("train", "both") else finite), (broken if where in ("deploy", "both") else finite)
+    train, deploy = (
+        (broken if where in ("train", "both") else finite),
+        (broken if where in ("deploy", "both") else finite),
+    )
     error = equivalence_error(_Fixed(train), _Fixed(deploy), torch.zeros(1))
     assert error.max_abs == float("inf") and error.max_rel == float("inf")
     assert not error.max_rel <= 1e30 and not error.max_abs < 1e30

@@ -28,11 +28,17 @@ def test_notebook_is_committed_without_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_on_a_real_sweep(path, tiny_sweep, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "out"
-    for name, value in {"REPABLATE_SWEEP_DIR": tiny_sweep["sweep_dir"], "REPABLATE_OUT_DIR": str(out),
-                        "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}.items():
+    for name, value in {
+        "REPABLATE_SWEEP_DIR": tiny_sweep["sweep_dir"],
+        "REPABLATE_OUT_DIR": str(out),
+        "PYTHONPATH": str(ROOT),
+        "MPLBACKEND": "Agg",
+    }.items():
         monkeypatch.setenv(name, value)  # the kernel inherits them
     notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1  # figures are shown, not only saved

@@ -23,9 +23,16 @@ from tests.test_cli import REPO, repablate
 pytestmark = pytest.mark.slow
 
 # A few batches of digits, the deploy check measured briefly: each run takes seconds.
-TINY = ["logger=csv", "callbacks.progress_bar.refresh_rate=0", "trainer.limit_train_batches=3",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.deploy_check.measure_batch_size=8",
-        "+callbacks.deploy_check.bench.warmup=2", "+callbacks.deploy_check.bench.min_run_time=0.02"]
+TINY = [
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "callbacks.deploy_check.measure_batch_size=8",
+    "+callbacks.deploy_check.bench.warmup=2",
+    "+callbacks.deploy_check.bench.min_run_time=0.02",
+]
 
 
 def _results(run_dir: Path) -> dict:
@@ -36,16 +43,23 @@ def _start(*args: str, cwd: Path) -> subprocess.Popen:
     """``python -m repablate ARGS`` in the background, as ``repablate`` in tests/test_cli.py runs it."""
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.Popen([sys.executable, "-m", "repablate", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "repablate", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            pytest.fail(f"the process ended (rc={process.returncode}) before {path} appeared:\n"
-                        f"{process.stdout.read()[-3000:]}")
+            pytest.fail(
+                f"the process ended (rc={process.returncode}) before {path} appeared:\n{process.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"{path} did not appear within {timeout} s")
@@ -58,6 +72,7 @@ def _steps(run_dir: Path, column: str) -> dict[int, float]:
 
 
 # --- resume and extend -------------------------------------------------------------------------------------------
+
 
 def test_extending_a_finished_run_trains_only_the_added_epochs(tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
@@ -88,10 +103,13 @@ def test_extending_a_finished_run_trains_only_the_added_epochs(tmp_path):
     assert last.is_file()  # the resumed run writes only into its own directory
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ({"state_dict": {}, "config": None, "deploy": True}, "is a deploy checkpoint"),
-    ({"weights": torch.zeros(2)}, "is not a Lightning training checkpoint"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"state_dict": {}, "config": None, "deploy": True}, "is a deploy checkpoint"),
+        ({"weights": torch.zeros(2)}, "is not a Lightning training checkpoint"),
+    ],
+)
 def test_a_checkpoint_that_is_not_a_lightning_one_is_refused_before_training(content, message, tmp_path):
     path = tmp_path / "deploy.pt"
     torch.save(content, path)
@@ -105,11 +123,18 @@ def test_a_checkpoint_that_is_not_a_lightning_one_is_refused_before_training(con
 
 # --- divergence --------------------------------------------------------------------------------------------------
 
+
 def test_a_diverged_run_stops_fails_and_saves_no_deploy_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     whole_epoch = [arg for arg in TINY if not arg.startswith("trainer.limit_train_batches")]  # nan at its last step
-    result = repablate("+variant=repconv", "trainer.max_epochs=1", "optimizer.lr=1000", f"hydra.run.dir={run_dir}",
-                       *whole_epoch, cwd=tmp_path)
+    result = repablate(
+        "+variant=repconv",
+        "trainer.max_epochs=1",
+        "optimizer.lr=1000",
+        f"hydra.run.dir={run_dir}",
+        *whole_epoch,
+        cwd=tmp_path,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     record = _results(run_dir)
@@ -123,6 +148,7 @@ def test_a_diverged_run_stops_fails_and_saves_no_deploy_checkpoint(tmp_path):
 
 
 # --- signals -----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signalled_run_is_recorded_as_interrupted_and_exits_non_zero(signum, tmp_path):
@@ -141,8 +167,9 @@ def test_a_signalled_run_is_recorded_as_interrupted_and_exits_non_zero(signum, t
 def test_a_killed_sweep_exits_non_zero_and_lists_every_job_it_would_have_run(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # A named sweep (its jobs from hydra.sweeper.params) with a command-line override that replaces its seeds.
-    process = _start("+sweep=default", "seed=0,1", "~logger.wandb", "trainer.max_epochs=1",
-                     f"hydra.sweep.dir={sweep_dir}", *TINY, cwd=tmp_path)
+    process = _start(
+        "+sweep=default", "seed=0,1", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep_dir}", *TINY, cwd=tmp_path
+    )
     _wait_for(sweep_dir / "0_plain_s0" / "results.json", process)
     process.send_signal(signal.SIGTERM)
     output = process.communicate(timeout=120)[0]
@@ -150,8 +177,12 @@ def test_a_killed_sweep_exits_non_zero_and_lists_every_job_it_would_have_run(tmp
     jobs = json.loads((sweep_dir / "sweep_jobs.json").read_text())["jobs"]
     assert [job["num"] for job in jobs] == [0, 1, 2, 3]
     cells = [tuple(o for o in job["overrides"] if o.startswith(("+variant=", "seed="))) for job in jobs]
-    assert cells == [("+variant=plain", "seed=0"), ("+variant=plain", "seed=1"), ("+variant=repconv", "seed=0"),
-                     ("+variant=repconv", "seed=1")]
+    assert cells == [
+        ("+variant=plain", "seed=0"),
+        ("+variant=plain", "seed=1"),
+        ("+variant=repconv", "seed=0"),
+        ("+variant=repconv", "seed=1"),
+    ]
     started = sorted(path for path in sweep_dir.iterdir() if (path / ".hydra").is_dir())
     assert [path.name for path in started][:1] == ["0_plain_s0"] and len(started) <= 2  # the rest never ran
     for path in started:  # exactly what Hydra saved for each job it started (the signal may cut job 1's start short)
@@ -164,6 +195,7 @@ def test_a_killed_sweep_exits_non_zero_and_lists_every_job_it_would_have_run(tmp
 
 
 # --- run directories ---------------------------------------------------------------------------------------------
+
 
 def test_a_run_directory_that_holds_a_run_is_never_reused(tmp_path):
     run_dir = tmp_path / "run"

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from scipy import stats as sps
 
 from repablate.analysis import ablation_table, collect_runs, failures
@@ -19,18 +21,26 @@ from repablate.train.main import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml") if not p.stem.startswith("_"))  # _base: a part
 VARIANTS = {p.stem for p in (CONF / "variant").glob("*.yaml")}
 ACC = "deploy_form/test/acc"
 
 # 2 variants x 2 seeds that train (one epoch of 5 batches), and as many that fail: lr_scale=-1 is rejected by the
 # harness after Hydra started the job. Failures sit between successes, so a failure must not stop the sweep.
 TINY_SWEEP = [
-    "-m", "+variant=plain,repconv", "seed=0,1", "lr_scale=1.0,-1",
-    "trainer.max_epochs=1", "+trainer.limit_train_batches=5", "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2", "logger=csv", "callbacks.progress_bar.refresh_rate=0",
+    "-m",
+    "+variant=plain,repconv",
+    "seed=0,1",
+    "lr_scale=1.0,-1",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=5",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=0",
     "callbacks.branch_gradients.every_n_steps=1",
-    "+callbacks.deploy_check.bench.warmup=2", "+callbacks.deploy_check.bench.min_run_time=0.02",
+    "+callbacks.deploy_check.bench.warmup=2",
+    "+callbacks.deploy_check.bench.min_run_time=0.02",
 ]
 
 
@@ -39,8 +49,14 @@ def subprocess_env() -> dict[str, str]:
 
 
 def _run_tiny_sweep(sweep_dir: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "repablate", *TINY_SWEEP, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "repablate", *TINY_SWEEP, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return {"sweep_dir": str(sweep_dir), "returncode": done.returncode, "stderr": done.stderr[-4000:]}
 
 
@@ -57,10 +73,18 @@ def tiny_sweep(tmp_path_factory, worker_id) -> dict:
         return json.loads(marker.read_text())
 
 
+@pytest.fixture(autouse=True)
+def no_hydra_state_leaks():
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def compose_with_hydra(*overrides: str):
     register_resolvers()  # ${repablate.unique:} in the sweep directory
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve, as in a real job
+    return cfg
 
 
 def _same(value: str, swept: str) -> bool:
@@ -71,6 +95,7 @@ def _same(value: str, swept: str) -> bool:
 
 
 # --- the named sweeps and the launchers ---------------------------------------------------------------------------
+
 
 def test_the_named_ablations_are_all_there():
     assert {"article", "branches", "init", "lr", "clip", "default"} <= set(SWEEPS)
@@ -93,13 +118,26 @@ def test_named_sweep_composes(name):
         assert any(_same(value, s) for s in swept), (key, value, swept)
 
 
-def test_a_sweep_runs_without_wandb_when_asked():
-    cfg = compose_with_hydra("+sweep=article", "logger=csv", "~logger.wandb")
-    assert list(cfg.logger) == ["csv"]
+@pytest.mark.parametrize("name", SWEEPS)
+def test_named_sweep_says_only_what_it_compares(name):
+    """The shared block (mode, sweep directory, wandb group, analysis defaults) is sweep/_base.yaml's alone."""
+    own = OmegaConf.load(CONF / "sweep" / f"{name}.yaml")
+    assert list(own.defaults) == ["_base", "_self_"]
+    assert list(own.hydra) == ["sweeper"] and list(own.hydra.sweeper) == ["params"]
+    assert "logger" not in own and "run_group" not in own and set(own) <= {"defaults", "hydra", "analysis"}
 
 
-@pytest.mark.parametrize("launcher, target", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"),
-                                              ("slurm", "SlurmLauncher")])
+@pytest.mark.parametrize("name", SWEEPS)
+def test_a_sweep_runs_without_wandb_when_asked(name):
+    # logger=csv alone: a sweep must leave no half logger node behind (a wandb entry without _target_ failed every
+    # job).
+    cfg = compose_with_hydra(f"+sweep={name}", "logger=csv")
+    assert list(cfg.logger) == ["csv"] and "_target_" in cfg.logger.csv
+
+
+@pytest.mark.parametrize(
+    "launcher, target", [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"), ("slurm", "SlurmLauncher")]
+)
 def test_launchers_compose(launcher, target):
     if launcher == "slurm":
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
@@ -112,6 +150,7 @@ def test_launchers_compose(launcher, target):
 
 
 # --- the real tiny multirun ----------------------------------------------------------------------------------------
+
 
 def _records(sweep_dir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob("results.json"))]
@@ -151,8 +190,14 @@ def test_table_n_and_values_equal_the_run_files(tiny_sweep):
 @pytest.mark.slow
 def test_analysis_command_on_the_sweep_shows_the_failures(tiny_sweep, tmp_path):
     out = tmp_path / "analysis"
-    done = subprocess.run([sys.executable, "-m", "repablate.analysis", tiny_sweep["sweep_dir"], "--baseline", "plain",
-                           "--out", str(out)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "repablate.analysis", tiny_sweep["sweep_dir"], "--baseline", "plain", "--out", str(out)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "4 completed, 4 failed or missing" in done.stdout
     assert "Failed or missing jobs (4)" in done.stdout and "lr_scale=-1 is not allowed" in done.stdout

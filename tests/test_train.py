@@ -38,15 +38,22 @@ def test_fast_dev_run_of_every_variant(variant, compose_config, tmp_path):
 
 def test_short_run_writes_checkpoints_that_rebuild_the_model(compose_config, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = compose_config("+variant=repconv", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-                         "callbacks.branch_gradients.every_n_steps=1", *QUICK, run_dir=run_dir)
+    cfg = compose_config(
+        "+variant=repconv",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "callbacks.branch_gradients.every_n_steps=1",
+        *QUICK,
+        run_dir=run_dir,
+    )
     record = run(cfg, run_dir)
     assert record["epochs"] == 2 and record["global_step"] == 6
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["repablate_config"]["variant"] == "repconv"
     assert all(key.startswith(("model.", "val_acc_best.")) for key in last["state_dict"])
     model = instantiate(last["repablate_config"]["model"])
-    load_state_dict(model, {k.removeprefix("model."): v for k, v in last["state_dict"].items() if k.startswith("model.")})
+    weights = {k.removeprefix("model."): v for k, v in last["state_dict"].items() if k.startswith("model.")}
+    load_state_dict(model, weights)
     deploy = torch.load(run_dir / "checkpoints" / "deploy.pt", weights_only=False)
     assert deploy["deploy"] is True
     fused = instantiate(deploy["config"]["model"], deploy=True)
@@ -83,8 +90,15 @@ class StopAfterEpochs(Callback):
 
 def test_a_resumed_run_continues_exactly_where_it_stopped(compose_config, tmp_path):
     # repconv_lr: a warm-up then cosine (SequentialLR), whose saved state must load with weights_only=True too.
-    common = ["+variant=repconv_lr", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
-              "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1", *QUICK]
+    common = [
+        "+variant=repconv_lr",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.log_every_n_steps=1",
+        *QUICK,
+    ]
     whole, stopped, resumed = tmp_path / "whole", tmp_path / "stopped", tmp_path / "resumed"
     run(compose_config(*common, run_dir=whole), whole)
     stop = [f"+callbacks.stop._target_={__name__}.StopAfterEpochs", "+callbacks.stop.epochs=2"]
@@ -104,8 +118,14 @@ def test_a_resumed_run_continues_exactly_where_it_stopped(compose_config, tmp_pa
 
 
 def test_lr_variant_warms_up_from_the_scaled_rate(compose_config, tmp_path):
-    cfg = compose_config("+variant=repconv_lr", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-                         "trainer.log_every_n_steps=1", "scheduler.warmup_start_factor=0.5", *QUICK)
+    cfg = compose_config(
+        "+variant=repconv_lr",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.log_every_n_steps=1",
+        "scheduler.warmup_start_factor=0.5",
+        *QUICK,
+    )
     run(cfg, tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv") as handle:
         lrs = {int(row["step"]): float(row["lr-SGD"]) for row in csv.DictReader(handle) if row.get("lr-SGD")}
@@ -117,8 +137,11 @@ def test_lr_variant_warms_up_from_the_scaled_rate(compose_config, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed"), ("lr_scale=0", "lr_scale=0 is not allowed"),
-     ("ckpt_path=/nonexistent/last.ckpt", "no such checkpoint file")],
+    [
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed"),
+        ("lr_scale=0", "lr_scale=0 is not allowed"),
+        ("ckpt_path=/nonexistent/last.ckpt", "no such checkpoint file"),
+    ],
 )
 def test_bad_values_fail_before_training_and_record_the_failure(override, message, compose_config, tmp_path):
     cfg = compose_config("+variant=repconv", override, *QUICK)
@@ -131,7 +154,7 @@ def test_bad_values_fail_before_training_and_record_the_failure(override, messag
 
 def test_missing_dataset_path_fails_and_records_the_failure(compose_config, tmp_path):
     missing = tmp_path / "no-such-dataset"
-    cfg = compose_config("data=imagefolder", f"data.root={missing}", "data.num_classes=2", *QUICK)
+    cfg = compose_config("data=imagefolder", f"data.root={missing}", "data_shape.num_classes=2", *QUICK)
     with pytest.raises(ConfigError, match=re.escape(f"data.root='{missing}' is not allowed")):
         run(cfg, tmp_path / "run")
     record = _results(tmp_path / "run")

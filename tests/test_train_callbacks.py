@@ -1,4 +1,5 @@
-"""BranchGradientMonitor, DivergenceGuard, DeployCheck and the schedule, on hand-made models and gradients."""
+"""BranchGradientMonitor, DivergenceGuard, DeployCheck, TrainingThroughput, RunConfigInCheckpoints and the
+schedule, on hand-made models and gradients."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from repablate.train.callbacks import (
     DeployCheck,
     DeployMismatchError,
     DivergenceGuard,
+    RunConfigInCheckpoints,
     TrainingDiverged,
+    TrainingThroughput,
 )
+from repablate.train.checkpoints import CheckpointError, build_model
 from repablate.train.schedules import warmup_schedule
 
 
@@ -51,8 +55,8 @@ def test_starved_branch_is_warned_once_per_streak(tmp_path):
         rows = list(csv.DictReader(handle))
     assert {int(r["step"]) for r in rows} == set(range(0, 18, 2))
     assert {r["layer"] for r in rows} == {"0", "1"}  # the plain Conv has no branches to compare
-    summary = monitor.summary()
-    assert summary["grad/warnings"] == 4 and summary["grad/share_min/1x1"] < 1e-5
+    results = monitor.run_results()
+    assert results["grad/warnings"] == 4 and results["grad/share_min/1x1"] < 1e-5
 
 
 @settings(max_examples=25, deadline=None)
@@ -81,8 +85,9 @@ def test_deploy_check_fails_loudly_on_a_wrong_fusion(tmp_path):
     datamodule = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
     check = DeployCheck(tmp_path / "deploy.pt")
     with pytest.raises(DeployMismatchError, match="max_rel_error"):
-        check.on_fit_end(SimpleNamespace(datamodule=datamodule, global_step=1),
-                         SimpleNamespace(model=model, device="cpu"))
+        check.on_fit_end(
+            SimpleNamespace(datamodule=datamodule, global_step=1), SimpleNamespace(model=model, device="cpu")
+        )
     assert not (tmp_path / "deploy.pt").exists()
 
 
@@ -93,8 +98,9 @@ def test_deploy_check_refuses_a_diverged_model_as_divergence(tmp_path):
     batches = [(torch.randn(4, 2, 5, 5), torch.zeros(4, dtype=torch.long))]
     datamodule = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
     with pytest.raises(TrainingDiverged, match=r"1 tensors \(0.rbr_1x1.1.running_var\)") as error:
-        DeployCheck(tmp_path / "deploy.pt").on_fit_end(SimpleNamespace(datamodule=datamodule, global_step=7),
-                                                       SimpleNamespace(model=model, device="cpu"))
+        DeployCheck(tmp_path / "deploy.pt").on_fit_end(
+            SimpleNamespace(datamodule=datamodule, global_step=7), SimpleNamespace(model=model, device="cpu")
+        )
     assert error.value.step == 6 and not (tmp_path / "deploy.pt").exists()
 
 
@@ -128,7 +134,8 @@ def test_divergence_guard_checks_the_weights_at_each_epoch_end():
     guard.on_train_epoch_end(trainer, SimpleNamespace(model=model))  # finite: nothing happens
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
-    with pytest.raises(TrainingDiverged, match=r"after epoch 4 the model holds NaN or infinity in 1 tensors \(0.weight\)"):
+    message = r"after epoch 4 the model holds NaN or infinity in 1 tensors \(0.weight\)"
+    with pytest.raises(TrainingDiverged, match=message):
         guard.on_train_epoch_end(trainer, SimpleNamespace(model=model))
 
 
@@ -145,8 +152,9 @@ def test_branch_gradients_are_written_when_the_fit_ends_in_an_exception(tmp_path
 @pytest.mark.parametrize("decay", ["cosine", "constant"])
 def test_warmup_schedule_rises_linearly_then_decays(decay):
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    schedule = warmup_schedule(optimizer, total_steps=20, steps_per_epoch=5, decay=decay, warmup_epochs=1,
-                               warmup_start_factor=0.2)
+    schedule = warmup_schedule(
+        optimizer, total_steps=20, steps_per_epoch=5, decay=decay, warmup_epochs=1, warmup_start_factor=0.2
+    )
     lrs = []
     for _ in range(20):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -160,3 +168,45 @@ def test_warmup_schedule_rejects_an_unknown_decay():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="decay='step' is not allowed"):
         warmup_schedule(optimizer, total_steps=10, steps_per_epoch=5, decay="step")
+
+
+def test_training_throughput_counts_images_over_train_epochs_only():
+    throughput = TrainingThroughput()
+    assert throughput.run_results() == {"train/images_per_s": None}  # no epoch yet
+    for _ in range(2):
+        throughput.on_train_epoch_start(None, None)
+        for _ in range(3):
+            throughput.on_train_batch_end(None, None, None, (torch.zeros(4, 1), torch.zeros(4)), 0)
+        throughput.on_train_epoch_end(None, None)
+    assert throughput.images == 24 and throughput.seconds > 0
+    assert throughput.run_results() == {"train/images_per_s": 24 / throughput.seconds}
+
+
+def test_run_config_goes_into_every_checkpoint():
+    checkpoint = {}
+    RunConfigInCheckpoints({"variant": "repconv"}).on_save_checkpoint(None, None, checkpoint)
+    assert checkpoint["repablate_config"] == {"variant": "repconv"}
+
+
+class UserBlockNet(nn.Module):
+    """A user's own model, outside repablate's allow-list, following the deploy protocol."""
+
+    def __init__(self, deploy: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_deploy_check_builds_a_users_own_model_from_the_run_config_and_warns_about_inspect(tmp_path, caplog):
+    # The config is the run's own, in memory: trusted like the run. Only configs read from files face the allow-list.
+    check = DeployCheck(tmp_path / "deploy.pt")
+    check.run_config = {"model": {"_target_": f"{__name__}.UserBlockNet"}}
+    deployed = UserBlockNet(deploy=True)
+    with caplog.at_level("WARNING"):
+        check._save_deploy_checkpoint(deployed, torch.randn(1, 1, 2, 2))
+    assert (tmp_path / "deploy.pt").is_file()
+    assert "UserBlockNet" in caplog.text and "inspect" in caplog.text
+    with pytest.raises(CheckpointError, match="UserBlockNet"):
+        build_model(check.run_config["model"], deploy=True)

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from repablate.models.yolov7_tiny import IDetect, YOLOv7Tiny
 from repablate.nn import Conv, RepConv, equivalence_error, is_deployed, load_state_dict, reparameterize
 
-VARIANTS = ("original", "repconv", "repconv_n")
+VARIANTS = ("plain", "repconv", "repconv_n")
 
 
 def _flops(model: torch.nn.Module, size: int) -> int:
@@ -74,7 +74,7 @@ def test_only_stride1_3x3_convs_are_swapped(variant):
     model = YOLOv7Tiny(nc=80, conv3x3=variant)
     repconvs = [m for m in model.modules() if isinstance(m, RepConv)]
     three_by_three_convs = [m for m in model.modules() if isinstance(m, Conv) and m.conv.kernel_size == (3, 3)]
-    if variant == "original":
+    if variant == "plain":
         assert not repconvs
         assert len(three_by_three_convs) == 19 + 4  # 19 swappable, plus 4 stride-2 convs
     else:
@@ -86,14 +86,14 @@ def test_only_stride1_3x3_convs_are_swapped(variant):
 
 
 @pytest.mark.parametrize("variant", ("repconv", "repconv_n"))
-def test_deployed_variant_has_the_shape_params_and_flops_of_deployed_original(variant):
-    original = reparameterize(YOLOv7Tiny(nc=80, conv3x3="original"))
+def test_deployed_variant_has_the_shape_params_and_flops_of_deployed_plain(variant):
+    plain = reparameterize(YOLOv7Tiny(nc=80, conv3x3="plain"))
     swapped = reparameterize(YOLOv7Tiny(nc=80, conv3x3=variant))
-    assert is_deployed(original) and is_deployed(swapped)
-    shapes = [tuple(p.shape) for p in original.parameters()]
+    assert is_deployed(plain) and is_deployed(swapped)
+    shapes = [tuple(p.shape) for p in plain.parameters()]
     assert [tuple(p.shape) for p in swapped.parameters()] == shapes
-    assert sum(p.numel() for p in swapped.parameters()) == sum(p.numel() for p in original.parameters())
-    assert _flops(swapped, 640) == _flops(original, 640)
+    assert sum(p.numel() for p in swapped.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert _flops(swapped, 640) == _flops(plain, 640)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -139,10 +139,16 @@ def test_idetect_fusion_folds_implicit_layers_exactly(channels, nc, implicit_sca
     assert equivalence_error(head, deployed, (features,)).max_rel < 1e-5
 
 
-@pytest.mark.parametrize("bad", ["plain", "RepConv", 3])
+@pytest.mark.parametrize("bad", ["Plain", "RepConv", 3])
 def test_unknown_conv3x3_is_refused_with_the_allowed_values(bad):
-    with pytest.raises(ValueError, match=r"conv3x3=.*original.*repconv.*repconv_n"):
+    with pytest.raises(ValueError, match=r"conv3x3=.*plain.*repconv.*repconv_n"):
         YOLOv7Tiny(nc=2, conv3x3=bad)
+
+
+def test_the_old_name_original_is_refused_naming_plain():
+    with pytest.raises(ValueError, match=r'conv3x3="original" is now called "plain"'):
+        YOLOv7Tiny(nc=2, conv3x3="original")
+    assert YOLOv7Tiny(nc=2).conv3x3 == "plain"  # the default: the official conv
 
 
 def test_block_factory_gets_tiny_settings():
@@ -152,4 +158,4 @@ def test_block_factory_gets_tiny_settings():
     assert len(repconvs) == 19 and all(m.rbr_1x1 is None for m in repconvs)
     assert all(isinstance(m.act, torch.nn.LeakyReLU) and m.rbr_dense[1].eps == 1e-3 for m in repconvs)
     plain = YOLOv7Tiny(nc=2, conv3x3=partial(Conv, k=3))
-    assert str(plain) == str(YOLOv7Tiny(nc=2, conv3x3="original"))
+    assert str(plain) == str(YOLOv7Tiny(nc=2, conv3x3="plain"))

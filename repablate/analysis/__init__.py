@@ -1,9 +1,9 @@
 """repablate.analysis -- ablation tables and figures from results files; never imports training code.
 
-    runs = collect_runs("multirun/article")            # or collect_wandb("entity/project", group="article")
-    table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns
-    print(to_markdown(table, runs))                     # runs left out (failed, diverged, ...) listed by status
-    write_report(runs, "out/", baseline="plain")        # table.{md,tex,csv}, runs.csv, failures.csv, figures/
+runs = collect_runs("multirun/article")            # or collect_wandb("entity/project", group="article")
+table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns
+print(to_markdown(table, runs))                     # runs left out (failed, diverged, ...) listed by status
+write_report(runs, "out/", baseline="plain")        # table.{md,tex,csv}, runs.csv, failures.csv, figures/
 """
 
 from repablate.analysis.collect import (

@@ -6,6 +6,7 @@ One row per run, one column per results.json key (``config/<key>`` columns inclu
 that holds no readable results.json (a killed job), or a job the sweep listed in ``sweep_jobs.json`` but never
 started; and "invalid": a results.json that breaks this contract (no status, an unknown one, or a completed run that
 names no variant). Only completed runs enter the statistics; every other row is reported, never dropped.
+File names, statuses and ``flatten`` are ``repablate.results``'s, the schema the runs are written with.
 """
 
 from __future__ import annotations
@@ -14,24 +15,32 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
 
-RESULTS_FILE = "results.json"
-GRADIENTS_FILE = "branch_gradients.csv"
-# Written by the multirun when it starts: every job it was going to run, with its Hydra overrides.
-SWEEP_JOBS_FILE = "sweep_jobs.json"
+from repablate.results import (
+    COMPLETED,
+    FAILED,
+    GRADIENT_COLUMNS,
+    GRADIENTS_FILE,
+    INVALID,
+    MISSING,
+    RESULTS_FILE,
+    RUN_STATUSES,
+    STATUSES,
+    SWEEP_JOBS_FILE,
+    flatten,
+)
+
 NEVER_STARTED = "never started: the sweep stopped before this job"
-RUN_STATUSES = ("completed", "failed", "diverged", "interrupted")  # what a run writes
-STATUSES = (*RUN_STATUSES, "missing", "invalid")  # and what the analysis adds; the order of the failure listing
 # Directories inside a run that never hold another run: not worth walking on a big sweep.
 _NOT_RUNS = {"checkpoints", "wandb", ".hydra", "csv", "lightning_logs", "analysis", "__pycache__"}
 # wandb run states and the results.json status each one means.
-_WANDB_STATUS = {"finished": "completed", "failed": "failed", "crashed": "failed", "killed": "failed"}
+_WANDB_STATUS = {"finished": COMPLETED, "failed": FAILED, "crashed": FAILED, "killed": FAILED}
 
 
 def _scan(sweep_dir: str | Path) -> tuple[list[Path], list[Path]]:
@@ -95,14 +104,14 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
     except FileNotFoundError:
-        record = {"status": "missing", "error": "no results.json: the job was killed or has not finished"}
+        record = {"status": MISSING, "error": "no results.json: the job was killed or has not finished"}
         record.update(_identity_of_missing(run_dir, overrides))
     except ValueError as err:  # json.JSONDecodeError is a ValueError
-        record = {"status": "missing", "error": f"unreadable results.json: {err}"}
+        record = {"status": MISSING, "error": f"unreadable results.json: {err}"}
         record.update(_identity_of_missing(run_dir, overrides))
     else:
         record = _checked({key: _cell(value) for key, value in raw.items()}, "results.json")
-        if record["status"] == "invalid":  # name the job all the same, from what Hydra saved of it
+        if record["status"] == INVALID:  # name the job all the same, from what Hydra saved of it
             for key, value in _identity_of_missing(run_dir, overrides).items():
                 if _absent(record.get(key)):
                     record[key] = value
@@ -123,14 +132,14 @@ def _checked(record: dict[str, Any], source: str) -> dict[str, Any]:
         breach = "no 'status' field"
     elif status not in RUN_STATUSES:
         breach = f"unknown status {status!r} (expected one of {', '.join(RUN_STATUSES)})"
-    elif status == "completed" and _absent(record.get("variant")):
+    elif status == COMPLETED and _absent(record.get("variant")):
         breach = "a completed run with no 'variant' field"
     else:
         return record
     error = f"invalid {source}: {breach}"
     if isinstance(record.get("error"), str) and record["error"].strip():
         error += f"; its error: {record['error']}"
-    return {**record, "status": "invalid", "error": error}
+    return {**record, "status": INVALID, "error": error}
 
 
 def _never_started(listing: Path, run_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -141,8 +150,14 @@ def _never_started(listing: Path, run_dirs: list[Path]) -> list[dict[str, Any]]:
         jobs = json.loads(listing.read_text(encoding="utf-8"))["jobs"]
         jobs = [(job["num"], [str(o) for o in job["overrides"]]) for job in jobs]
     except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
-        return [{"status": "invalid", "error": f"unreadable {SWEEP_JOBS_FILE}: {type(err).__name__}: {err}",
-                 "run_dir": str(sweep_dir), "overrides": ""}]
+        return [
+            {
+                "status": INVALID,
+                "error": f"unreadable {SWEEP_JOBS_FILE}: {type(err).__name__}: {err}",
+                "run_dir": str(sweep_dir),
+                "overrides": "",
+            }
+        ]
     # A Counter, not a set: two jobs with the same overrides need two run directories.
     started = Counter(tuple(_read_overrides(d)) for d in run_dirs if sweep_dir in d.parents)
     records = []
@@ -150,8 +165,16 @@ def _never_started(listing: Path, run_dirs: list[Path]) -> list[dict[str, Any]]:
         if started[tuple(overrides)] > 0:
             started[tuple(overrides)] -= 1
             continue
-        records.append({"status": "missing", "error": NEVER_STARTED, **_identity_of_missing(None, overrides),
-                        "run_dir": str(sweep_dir), "overrides": " ".join(overrides), "job": number})
+        records.append(
+            {
+                "status": MISSING,
+                "error": NEVER_STARTED,
+                **_identity_of_missing(None, overrides),
+                "run_dir": str(sweep_dir),
+                "overrides": " ".join(overrides),
+                "job": number,
+            }
+        )
     return records
 
 
@@ -176,18 +199,6 @@ def _frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return runs[first + [c for c in runs.columns if c not in first]]
 
 
-def _flatten(mapping: Mapping[str, Any], prefix: str = "config/", path: str = "") -> dict[str, Any]:
-    """Nested config to results.json's keys: ``{"a": {"b": 1}}`` -> ``{"config/a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{path}.{key}" if path else str(key)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix, dotted))
-        else:
-            flat[prefix + dotted] = _cell(value)
-    return flat
-
-
 def collect_wandb(path: str, group: str | None = None, api: Any = None) -> pd.DataFrame:
     """All runs of the wandb project ``path`` ("entity/project"), optionally one group, with the same columns
     as :func:`collect_runs`: the run summary gives the results keys, the run config the ``config/`` keys.
@@ -208,15 +219,16 @@ def collect_wandb(path: str, group: str | None = None, api: Any = None) -> pd.Da
 
 def _wandb_record(run: Any) -> dict[str, Any]:
     summary = {k: _cell(v) for k, v in dict(run.summary).items() if not k.startswith("_")}
-    record = {**_flatten(dict(run.config)), **summary}
+    # The run config flattened as a run flattens it into results.json, so both sources give the same columns.
+    record = {**{key: _cell(value) for key, value in flatten(dict(run.config)).items()}, **summary}
     state = getattr(run, "state", "finished")
-    record["status"] = summary.get("status", _WANDB_STATUS.get(state, "missing"))
-    if record["status"] != "completed" and not isinstance(summary.get("error"), str):
+    record["status"] = summary.get("status", _WANDB_STATUS.get(state, MISSING))
+    if record["status"] != COMPLETED and not isinstance(summary.get("error"), str):
         record["error"] = f"wandb run state {state!r}"
     record["run_dir"] = "/".join(run.path)
     record.setdefault("variant", record.get("config/variant", math.nan))
     record.setdefault("seed", record.get("config/seed", math.nan))
-    return record if record["status"] == "missing" else _checked(record, "wandb run")
+    return record if record["status"] == MISSING else _checked(record, "wandb run")
 
 
 def resolve_column(runs: pd.DataFrame, name: str) -> str:
@@ -232,7 +244,7 @@ def resolve_column(runs: pd.DataFrame, name: str) -> str:
 
 def completed(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that finished and wrote their results."""
-    return runs[runs["status"] == "completed"]
+    return runs[runs["status"] == COMPLETED]
 
 
 def _status_order(status: str) -> int:
@@ -243,7 +255,7 @@ def failures(runs: pd.DataFrame) -> pd.DataFrame:
     """Every run left out of the statistics (failed, diverged, interrupted, missing, invalid), grouped by status
     in that order, with its error and, for a diverged run, ``diverged_at_step``."""
     columns = ("status", "variant", "seed", "run_dir", "overrides", "diverged_at_step", "error")
-    left_out = runs.loc[runs["status"] != "completed", [c for c in columns if c in runs]]
+    left_out = runs.loc[runs["status"] != COMPLETED, [c for c in columns if c in runs]]
     return left_out.sort_values("status", key=lambda status: status.map(_status_order), kind="stable")
 
 
@@ -253,8 +265,9 @@ def status_counts(runs: pd.DataFrame) -> dict[str, int]:
     return {str(s): int(counts[s]) for s in sorted(counts.index, key=_status_order)}
 
 
-def load_branch_gradients(runs: pd.DataFrame, keys: Iterable[str] = ("variant", "seed"),
-                          pool: Sequence[str] | bool = ()) -> pd.DataFrame:
+def load_branch_gradients(
+    runs: pd.DataFrame, keys: Iterable[str] = ("variant", "seed"), pool: Sequence[str] | bool = ()
+) -> pd.DataFrame:
     """The branch_gradients.csv of every completed run, concatenated, tagged with ``keys`` and ``run_dir``.
 
     Its figure (and anyone summarizing it by tag) averages the runs that share the ``keys`` other than the seed,
@@ -275,7 +288,7 @@ def load_branch_gradients(runs: pd.DataFrame, keys: Iterable[str] = ("variant", 
                 frame[key] = run.get(key, math.nan)
             frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=["step", "layer", "branch", "grad_norm", "share", *keys, "run_dir"])
+        return pd.DataFrame(columns=[*GRADIENT_COLUMNS, *keys, "run_dir"])
     return pd.concat(frames, ignore_index=True)
 
 

@@ -14,16 +14,23 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from repablate.analysis._io import write_atomic
 from repablate.analysis.collect import completed, resolve_column
 from repablate.analysis.pooling import check_pooling, group_labels
+from repablate.results import write_atomically
 
-ACCURACY_METRICS = ("deploy_form/test/acc", "deploy_form/val/acc", "val/acc_best", "deploy_form/test/map50", "deploy_form/val/map50")
+ACCURACY_METRICS = (
+    "deploy_form/test/acc",
+    "deploy_form/val/acc",
+    "val/acc_best",
+    "deploy_form/test/map50",
+    "deploy_form/val/map50",
+)
 FORMS = ("train_form", "deploy_form")
 
 
-def _numeric(runs: pd.DataFrame, columns: Sequence[str], by: str | Sequence[str],
-             pool: Sequence[str] | bool) -> tuple[pd.DataFrame, str]:
+def _numeric(
+    runs: pd.DataFrame, columns: Sequence[str], by: str | Sequence[str], pool: Sequence[str] | bool
+) -> tuple[pd.DataFrame, str]:
     """The completed runs' ``columns`` as numbers and their group label, in a column named after the ``by`` keys
     (returned with the frame), once :func:`check_pooling` has accepted the groups."""
     keys = [by] if isinstance(by, str) else list(by)
@@ -62,19 +69,33 @@ def accuracy_vs_latency(
     palette = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.subplots()
-    sns.scatterplot(data=data, x=latency, y=accuracy, hue=by, hue_order=order, palette=palette, alpha=0.35, ax=ax, legend=False)
+    sns.scatterplot(
+        data=data, x=latency, y=accuracy, hue=by, hue_order=order, palette=palette, alpha=0.35, ax=ax, legend=False
+    )
     stats = data.groupby(by)[[latency, accuracy]].agg(["mean", "std"])
     for group in order:
         s = stats.loc[group]
-        ax.errorbar(s[(latency, "mean")], s[(accuracy, "mean")], xerr=s[(latency, "std")], yerr=s[(accuracy, "std")],
-                    fmt="o", capsize=4, color=palette[group], label=group)
+        ax.errorbar(
+            s[(latency, "mean")],
+            s[(accuracy, "mean")],
+            xerr=s[(latency, "std")],
+            yerr=s[(accuracy, "std")],
+            fmt="o",
+            capsize=4,
+            color=palette[group],
+            label=group,
+        )
     ax.set(xlabel=f"{latency} (lower is better)", ylabel=accuracy, title="Accuracy vs deployed latency (mean ± std)")
     ax.legend(title=by)
     return fig
 
 
-def forms_comparison(runs: pd.DataFrame, metrics: Sequence[str] = ("flops", "latency_ms"),
-                     by: str | Sequence[str] = "variant", pool: Sequence[str] | bool = ()) -> Figure:
+def forms_comparison(
+    runs: pd.DataFrame,
+    metrics: Sequence[str] = ("flops", "latency_ms"),
+    by: str | Sequence[str] = "variant",
+    pool: Sequence[str] | bool = (),
+) -> Figure:
     """Training form against deployed form, per group: one panel per metric (e.g. FLOPs, latency), bars are
     means with ±1 std error bars. Groups as the ablation table's rows (``by``, ``pool``: see the module docstring)."""
     columns = [f"{form}/{m}" for m in metrics for form in FORMS]
@@ -84,8 +105,16 @@ def forms_comparison(runs: pd.DataFrame, metrics: Sequence[str] = ("flops", "lat
     fig = Figure(figsize=(5 * len(metrics), 4), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
-        sns.barplot(data=data[data["metric"] == metric], x=by, y="value", hue="form", hue_order=FORMS,
-                    order=sorted(data[by].unique()), errorbar="sd", ax=ax)
+        sns.barplot(
+            data=data[data["metric"] == metric],
+            x=by,
+            y="value",
+            hue="form",
+            hue_order=FORMS,
+            order=sorted(data[by].unique()),
+            errorbar="sd",
+            ax=ax,
+        )
         ax.set(ylabel=metric, title=f"{metric}: training vs deployed form")
     return fig
 
@@ -96,8 +125,10 @@ def branch_gradient_shares(gradients: pd.DataFrame, by: str = "variant") -> Figu
     needed = ["step", "branch", "share", by]
     missing = [c for c in needed if c not in gradients]
     if missing or gradients.empty:
-        raise ValueError(f"no branch gradients to plot (missing columns {missing} or no rows); runs write them "
-                         "to branch_gradients.csv")
+        raise ValueError(
+            f"no branch gradients to plot (missing columns {missing} or no rows); runs write them "
+            "to branch_gradients.csv"
+        )
     data = gradients.dropna(subset=["share"]).astype({by: str})
     groups = sorted(data[by].unique())
     branches = list(dict.fromkeys(data["branch"]))
@@ -105,11 +136,14 @@ def branch_gradient_shares(gradients: pd.DataFrame, by: str = "variant") -> Figu
     fig = Figure(figsize=(5 * len(groups), 4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False, sharey=True)[0]
     for ax, group in zip(axes, groups, strict=True):
-        sns.lineplot(data=data[data[by] == group], x="step", y="share", hue="branch", palette=palette, errorbar="sd", ax=ax)
+        sns.lineplot(
+            data=data[data[by] == group], x="step", y="share", hue="branch", palette=palette, errorbar="sd", ax=ax
+        )
         ax.set(title=f"{by}={group}", ylabel="share of gradient norm")
     return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Render ``fig`` to ``path`` (format from the suffix: png, pdf, svg), atomically."""
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    path = Path(path)
+    return write_atomically(path, lambda stream: fig.savefig(stream, format=path.suffix[1:] or None, dpi=dpi))

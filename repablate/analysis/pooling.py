@@ -31,7 +31,7 @@ BOOKKEEPING_KEYS: dict[str, str] = {
     "callbacks.*.checkpoint_path": "a file inside the run directory",
     "callbacks.progress_bar.*": "the console progress bar: display only",
     "logger.*": "loggers record a run and never change it: names and groups (from variant and seed), save "
-                "directories, online or offline, or no wandb logger at all",
+    "directories, online or offline, or no wandb logger at all",
     "data.cache_dir": "where generated data is cached on this machine",
     "hydra.*": "Hydra's own settings: output directories, job number, launcher",
     "analysis.*": "how the analysis tabulates the sweep, not how a run trains",
@@ -103,8 +103,11 @@ def _compared_columns(runs: pd.DataFrame, by_columns: Sequence[str]) -> list[str
     """The configuration of a run: its config keys and its variant, less the bookkeeping and the ``by`` keys
     (grouping by ``variant`` also covers ``config/variant``, and the other way round)."""
     grouped = {_key(c) for c in by_columns}
-    return [c for c in map(str, runs.columns) if (c.startswith("config/") or c == "variant")
-            and _key(c) not in grouped and not is_bookkeeping(_key(c))]
+    return [
+        c
+        for c in map(str, runs.columns)
+        if (c.startswith("config/") or c == "variant") and _key(c) not in grouped and not is_bookkeeping(_key(c))
+    ]
 
 
 def _sort_values(values: Sequence[str]) -> list[str]:
@@ -138,8 +141,10 @@ def mixed_rows(runs: pd.DataFrame, by: Sequence[str]) -> dict[str, dict[str, Cou
 
 def _describe(row: str, keys: dict[str, Counter]) -> str:
     n_runs = sum(next(iter(keys.values())).values())
-    shown = [f"{key} = " + " | ".join(f"{v} ({counts[v]} run{'s' * (counts[v] != 1)})" for v in _sort_values(counts))
-             for key, counts in list(keys.items())[:_SHOWN_KEYS]]
+    shown = [
+        f"{key} = " + " | ".join(f"{v} ({counts[v]} run{'s' * (counts[v] != 1)})" for v in _sort_values(counts))
+        for key, counts in list(keys.items())[:_SHOWN_KEYS]
+    ]
     more = f"; and {len(keys) - _SHOWN_KEYS} more keys" if len(keys) > _SHOWN_KEYS else ""
     return f"  row {row!r} ({n_runs} runs): " + "; ".join(shown) + more
 
@@ -155,8 +160,10 @@ def check_pooling(runs: pd.DataFrame, by: Sequence[str], pool: Sequence[str] | b
     """
     patterns = _pool_patterns(runs, pool)
     mixed = mixed_rows(runs, by)
-    refused = {row: {k: c for k, c in keys.items() if not any(fnmatchcase(k, p) for p in patterns)}
-               for row, keys in mixed.items()}
+    refused = {
+        row: {k: c for k, c in keys.items() if not any(fnmatchcase(k, p) for p in patterns)}
+        for row, keys in mixed.items()
+    }
     refused = {row: keys for row, keys in refused.items() if keys}
     if refused:
         differing = _union(refused)
@@ -169,7 +176,8 @@ def check_pooling(runs: pd.DataFrame, by: Sequence[str], pool: Sequence[str] | b
             "runs that differ in more than their seed would be averaged into one row:\n" + "\n".join(rows) + "\n"
             f"Give each configuration its own row: --by {','.join(split)} (Python: by={split!r}); "
             f"or average them on purpose: --pool {','.join(differing)} (Python: pool={list(differing)!r}).",
-            differing)
+            differing,
+        )
     return _union(mixed)
 
 

@@ -68,7 +68,8 @@ def write_report(
         "accuracy_vs_latency": lambda: fig.accuracy_vs_latency(runs, by=by, pool=pool),
         "forms_flops_latency": lambda: fig.forms_comparison(runs, by=by, pool=pool),
         "branch_gradients": lambda: fig.branch_gradient_shares(
-            load_branch_gradients(labelled, keys=[group], pool=pool), by=group),
+            load_branch_gradients(labelled, keys=[group], pool=pool), by=group
+        ),
     }
     for name, draw in drawers.items():
         try:

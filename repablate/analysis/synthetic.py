@@ -9,10 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from repablate.analysis._io import write_text_atomic
+from repablate.results import write_atomically
 
-BRANCHES = {"plain": ["dense"], "repconv_n": ["dense", "1x1"], "repconv_no1x1": ["dense", "identity"],
-            "repconv": ["dense", "1x1", "identity"]}
+BRANCHES = {
+    "plain": ["dense"],
+    "repconv_n": ["dense", "1x1"],
+    "repconv_no1x1": ["dense", "identity"],
+    "repconv": ["dense", "1x1", "identity"],
+}
 
 
 def _record(variant: str, seed: int, run_dir: Path, rng: np.random.Generator) -> dict:
@@ -20,16 +24,32 @@ def _record(variant: str, seed: int, run_dir: Path, rng: np.random.Generator) ->
     train_latency = float(rng.normal(2.0 + 0.3 * len(BRANCHES.get(variant, ["dense"])), 0.05))
     deploy_latency = float(rng.normal(2.0, 0.05))
     return {
-        "status": "completed", "error": None, "variant": variant, "seed": seed, "task": "classify",
-        "run_dir": str(run_dir), "wall_time_s": float(rng.uniform(20, 30)), "epochs": 3,
-        "config/optimizer.lr": 0.01, "config/trainer.max_epochs": 3, "config/seed": seed,
-        "train_form/val/acc": acc, "deploy_form/val/acc": acc, "deploy_form/test/acc": acc - 0.005,
-        "train_form/test/acc": acc - 0.005, "val/acc_best": acc + 0.002,
-        "equivalence/max_abs": float(rng.uniform(1e-7, 1e-6)), "equivalence/max_rel": float(rng.uniform(1e-7, 1e-6)),
-        "train_form/params": 100_000 + 20_000 * (variant != "plain"), "deploy_form/params": 100_000,
-        "train_form/flops": 2.2e7 if variant != "plain" else 2.0e7, "deploy_form/flops": 2.0e7,
-        "train_form/latency_ms": train_latency, "deploy_form/latency_ms": deploy_latency,
-        "ratio/latency_ms": train_latency / deploy_latency, "grad/warnings": 0,
+        "status": "completed",
+        "error": None,
+        "variant": variant,
+        "seed": seed,
+        "task": "classify",
+        "run_dir": str(run_dir),
+        "wall_time_s": float(rng.uniform(20, 30)),
+        "epochs": 3,
+        "config/optimizer.lr": 0.01,
+        "config/trainer.max_epochs": 3,
+        "config/seed": seed,
+        "train_form/val/acc": acc,
+        "deploy_form/val/acc": acc,
+        "deploy_form/test/acc": acc - 0.005,
+        "train_form/test/acc": acc - 0.005,
+        "val/acc_best": acc + 0.002,
+        "equivalence/max_abs": float(rng.uniform(1e-7, 1e-6)),
+        "equivalence/max_rel": float(rng.uniform(1e-7, 1e-6)),
+        "train_form/params": 100_000 + 20_000 * (variant != "plain"),
+        "deploy_form/params": 100_000,
+        "train_form/flops": 2.2e7 if variant != "plain" else 2.0e7,
+        "deploy_form/flops": 2.0e7,
+        "train_form/latency_ms": train_latency,
+        "deploy_form/latency_ms": deploy_latency,
+        "ratio/latency_ms": train_latency / deploy_latency,
+        "grad/warnings": 0,
     }
 
 
@@ -62,7 +82,7 @@ def write_synthetic_sweep(
     jobs += [(variants[0], 1000 + i) for i in range(failed + missing)]
     for number, ((variant, seed), kind) in enumerate(zip(jobs, kinds, strict=True)):
         run_dir = sweep_dir / str(number)
-        write_text_atomic(run_dir / ".hydra" / "overrides.yaml", f"- +variant={variant}\n- seed={seed}\n")
+        write_atomically(run_dir / ".hydra" / "overrides.yaml", f"- +variant={variant}\n- seed={seed}\n")
         if kind == "missing":
             continue
         record = _record(variant, seed, run_dir, rng)
@@ -70,6 +90,6 @@ def write_synthetic_sweep(
             record = {k: v for k, v in record.items() if not k.startswith(("train_form", "deploy_form", "ratio"))}
             record.update(status="failed", error="Traceback (most recent call last):\nValueError: synthetic failure")
         else:
-            write_text_atomic(run_dir / "branch_gradients.csv", _gradients_csv(variant, gradient_steps, rng))
-        write_text_atomic(run_dir / "results.json", json.dumps(record, indent=1))
+            write_atomically(run_dir / "branch_gradients.csv", _gradients_csv(variant, gradient_steps, rng))
+        write_atomically(run_dir / "results.json", json.dumps(record, indent=1))
     return sweep_dir

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from repablate.analysis._io import write_text_atomic
 from repablate.analysis.collect import completed, failures, resolve_column, status_counts
 from repablate.analysis.pooling import check_pooling, row_label
 from repablate.analysis.stats import compare, summarize
+from repablate.results import write_atomically
 
 # Metrics shown when none are named, in this order, where the runs have them (classification, then detection).
 DEFAULT_METRICS = (
@@ -50,9 +50,10 @@ def ablation_table(
 
     ``by`` and ``metrics`` name columns, or config keys as on the command line (``optimizer.lr``).
     Rows: one per value of ``by``, labelled by the values joined with commas. Columns: a MultiIndex
-    (metric, statistic) with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when ``baseline`` names a
-    row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high (Welch interval of the
-    difference of means) and p_value (Welch's t-test against the baseline). The baseline row comes first.
+    (metric, statistic) with n, mean, std, ci_low, ci_high (t-interval of the mean at ``confidence``) and, when
+    ``baseline`` names a row (its ``by`` values joined by commas, as text), delta, delta_ci_low, delta_ci_high
+    (Welch interval of the difference of means) and p_value (Welch's t-test against the baseline). The baseline
+    row comes first.
 
     A row averages replicates only: runs whose configurations differ in anything but the seed (and bookkeeping,
     see :mod:`repablate.analysis.pooling`) raise :class:`~repablate.analysis.pooling.PoolingError` naming the
@@ -131,16 +132,22 @@ def format_deltas(table: pd.DataFrame) -> pd.DataFrame | None:
     for metric in _metrics(table):
         t = table[metric]
         out[metric] = [
-            "(baseline)" if label == table.attrs["baseline"] else f"{_num(d, True)} [{_num(lo, True)}, {_num(hi, True)}] p={_num(p)}"
-            for label, d, lo, hi, p in zip(t.index, t["delta"], t["delta_ci_low"], t["delta_ci_high"], t["p_value"], strict=True)
+            "(baseline)"
+            if label == table.attrs["baseline"]
+            else f"{_num(d, True)} [{_num(lo, True)}, {_num(hi, True)}] p={_num(p)}"
+            for label, d, lo, hi, p in zip(
+                t.index, t["delta"], t["delta_ci_low"], t["delta_ci_high"], t["p_value"], strict=True
+            )
         ]
     return out
 
 
 def _headings(table: pd.DataFrame) -> tuple[str, str]:
     level = f"{table.attrs.get('confidence', 0.95):.0%}"
-    return (f"Mean ± std [{level} confidence interval of the mean], completed runs",
-            f"Difference from {table.attrs.get('baseline')} [{level} interval of the difference], Welch's t-test p")
+    return (
+        f"Mean ± std [{level} confidence interval of the mean], completed runs",
+        f"Difference from {table.attrs.get('baseline')} [{level} interval of the difference], Welch's t-test p",
+    )
 
 
 def flat_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -153,12 +160,17 @@ def flat_columns(table: pd.DataFrame) -> pd.DataFrame:
 def _failure_lines(runs: pd.DataFrame) -> pd.DataFrame:
     failed = failures(runs).copy()
     # The last line of a traceback is the exception itself: enough for a table, the full text is in runs.csv.
-    failed["error"] = [str(e).strip().splitlines()[-1][:300] if isinstance(e, str) and e.strip() else "" for e in failed["error"]]
+    failed["error"] = [
+        str(e).strip().splitlines()[-1][:300] if isinstance(e, str) and e.strip() else "" for e in failed["error"]
+    ]
     if "diverged_at_step" in failed:  # where a diverged run stopped leads its line
         steps = pd.to_numeric(failed.pop("diverged_at_step"), errors="coerce")
-        failed["error"] = [f"at step {int(step)}" + (f": {error}" if error else "")
-                           if status == "diverged" and step == step else error  # step == step: not NaN
-                           for status, step, error in zip(failed["status"], steps, failed["error"], strict=True)]
+        failed["error"] = [
+            f"at step {int(step)}" + (f": {error}" if error else "")
+            if status == "diverged" and step == step
+            else error  # step == step: not NaN
+            for status, step, error in zip(failed["status"], steps, failed["error"], strict=True)
+        ]
     if "overrides" in failed:  # only what sets a job apart: overrides shared by every job are noise here
         listed = [set(o.split()) for o in runs["overrides"].fillna("").astype(str) if o]  # "": none recorded
         common = set.intersection(*listed) if listed else set()
@@ -216,16 +228,18 @@ def to_latex(table: pd.DataFrame) -> str:
     return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("–", "--")
 
 
-def export_table(table: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | None = None, stem: str = "table") -> dict[str, Path]:
+def export_table(
+    table: pd.DataFrame, out_dir: str | Path, runs: pd.DataFrame | None = None, stem: str = "table"
+) -> dict[str, Path]:
     """Write ``<stem>.md``, ``<stem>.tex`` and ``<stem>.csv`` (numeric) into ``out_dir``, atomically, and with
     ``runs``, ``runs.csv`` (every run, errors in full) and ``failures.csv``. Returns the paths by kind."""
     out_dir = Path(out_dir)
     paths = {
-        "markdown": write_text_atomic(out_dir / f"{stem}.md", to_markdown(table, runs)),
-        "latex": write_text_atomic(out_dir / f"{stem}.tex", to_latex(table)),
-        "csv": write_text_atomic(out_dir / f"{stem}.csv", flat_columns(table).to_csv()),
+        "markdown": write_atomically(out_dir / f"{stem}.md", to_markdown(table, runs)),
+        "latex": write_atomically(out_dir / f"{stem}.tex", to_latex(table)),
+        "csv": write_atomically(out_dir / f"{stem}.csv", flat_columns(table).to_csv()),
     }
     if runs is not None:
-        paths["runs"] = write_text_atomic(out_dir / "runs.csv", runs.to_csv(index=False))
-        paths["failures"] = write_text_atomic(out_dir / "failures.csv", failures(runs).to_csv(index=False))
+        paths["runs"] = write_atomically(out_dir / "runs.csv", runs.to_csv(index=False))
+        paths["failures"] = write_atomically(out_dir / "failures.csv", failures(runs).to_csv(index=False))
     return paths

@@ -31,8 +31,14 @@ def log_analysis(
         raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {mode!r}")
     import wandb  # imported here: slow to import, and only this function needs it
 
-    run = wandb.init(project=project, group=group, job_type="analysis", mode=mode,
-                     dir=str(directory) if directory is not None else None, reinit="create_new")
+    run = wandb.init(
+        project=project,
+        group=group,
+        job_type="analysis",
+        mode=mode,
+        dir=str(directory) if directory is not None else None,
+        reinit="create_new",
+    )
     try:
         # wandb Tables want flat string column names and plain values.
         logged = {name: wandb.Table(dataframe=_flat(table)) for name, table in tables.items()}

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+import io
 import sys
-import tempfile
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from repablate.bench import grid
 from repablate.bench.forms import describe_machine, resolve_device, resolve_dtype
 from repablate.nn import Conv
+from repablate.results import write_atomically
 
 QUICK = {
     "widths": [8, 16],
@@ -73,12 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """All rows (the union of their keys as columns) to ``path``, written atomically."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(handle.name, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(path, text.getvalue())
 
 
 def network_cases(resolution: int, batch_size: int, quick: bool) -> list[grid.Case]:

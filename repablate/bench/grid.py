@@ -21,7 +21,8 @@ from repablate.bench.forms import FormsReport, measure_models
 from repablate.bench.latency import measure_latency
 from repablate.nn import Conv, RepConv, reparameterize
 
-# The article's claims (../shared/seed SUMMARY.md, section 1): multi-branch vs single conv, never measured there.
+# The claims of the article "YOLOv7's RepConv module: the structure magician of training and inference":
+# multi-branch vs single conv, never measured there.
 ARTICLE_CLAIMS = {"flops": 2.5, "mem_bytes": 3.2, "latency_ms": 2.1}
 
 
@@ -135,7 +136,8 @@ def markdown_rows(rows: Iterable[dict[str, Any]]) -> str:
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['train_form/params']:,} / {row['deploy_form/params']:,} | "
-            f"{row['train_form/flops'] / 1e6:.4g} / {row['deploy_form/flops'] / 1e6:.4g} | {_fmt(row['ratio/flops'])} | "
+            f"{row['train_form/flops'] / 1e6:.4g} / {row['deploy_form/flops'] / 1e6:.4g} | "
+            f"{_fmt(row['ratio/flops'])} | "
             f"{row['train_form/mem_bytes'] / 1e6:.4g} / {row['deploy_form/mem_bytes'] / 1e6:.4g} | "
             f"{_fmt(row['ratio/mem_bytes'])} | {_latency(row, 'train_form')} | {_latency(row, 'deploy_form')} | "
             f"{_latency(row, 'plain')} | {_fmt(row.get('ratio/latency_ms'))} | "

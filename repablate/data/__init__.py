@@ -1,7 +1,8 @@
 """repablate.data -- LightningDataModules; every default works offline.
 
-Each exposes ``num_classes``, ``in_channels`` and ``image_size`` and takes ``batch_size`` and ``seed``. Data
-lives in memory as tensors and is served a batch at a time (see ``repablate.data.tensors``).
+Each exposes ``num_classes``, ``in_channels`` and ``image_size`` (a run checks them against the config's
+``data_shape``) and takes ``batch_size`` and ``seed``. Classification data lives in memory as tensors and is
+served a batch at a time (see ``repablate.data.tensors``).
 """
 
 from repablate.data.detection import ShapesDetectDataModule, YoloDataModule

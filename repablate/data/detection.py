@@ -108,8 +108,17 @@ class YoloImageFolder(Dataset):
     """Images of one folder with their YOLO labels, letterboxed to ``image_size``; optionally augmented with a
     horizontal flip and colour jitter (torchvision.transforms.v2, boxes flipped along)."""
 
-    def __init__(self, folder: str | Path, num_classes: int, image_size: int, augment: bool = False,
-                 flip: float = 0.5, brightness: float = 0.4, saturation: float = 0.5, hue: float = 0.015):
+    def __init__(
+        self,
+        folder: str | Path,
+        num_classes: int,
+        image_size: int,
+        augment: bool = False,
+        flip: float = 0.5,
+        brightness: float = 0.4,
+        saturation: float = 0.5,
+        hue: float = 0.015,
+    ):
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
@@ -118,10 +127,12 @@ class YoloImageFolder(Dataset):
             raise ValueError(f"image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self.num_classes, self.image_size = num_classes, image_size
         self.augment = (
-            v2.Compose([
-                v2.RandomHorizontalFlip(flip),
-                v2.ColorJitter(brightness=brightness, saturation=saturation, hue=hue),
-            ])
+            v2.Compose(
+                [
+                    v2.RandomHorizontalFlip(flip),
+                    v2.ColorJitter(brightness=brightness, saturation=saturation, hue=hue),
+                ]
+            )
             if augment
             else None
         )
@@ -158,24 +169,34 @@ class YoloDataModule(pl.LightningDataModule):
 
     Args:
         data_yaml: path of the data YAML.
-        num_classes: must equal the number of names in the YAML (the model config reads it from here).
+        num_classes: must equal the number of names in the YAML.
         image_size: side of the letterboxed square inputs; a multiple of 32 (the coarsest stride).
-        in_channels: 3 (RGB); kept for the harness's config contract.
         batch_size, num_workers, seed: of the loaders (seed: of the training shuffle).
         augment: flip and colour jitter on the training set; ``flip``, ``brightness``, ``saturation``, ``hue``
           are their strengths.
     """
 
-    def __init__(self, data_yaml: str | Path, num_classes: int, image_size: int = 640, in_channels: int = 3,
-                 batch_size: int = 16, num_workers: int = 0, seed: int = 0, augment: bool = True,
-                 flip: float = 0.5, brightness: float = 0.4, saturation: float = 0.5, hue: float = 0.015):
+    in_channels = 3  # RGB
+
+    def __init__(
+        self,
+        data_yaml: str | Path,
+        num_classes: int,
+        image_size: int = 640,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        flip: float = 0.5,
+        brightness: float = 0.4,
+        saturation: float = 0.5,
+        hue: float = 0.015,
+    ):
         super().__init__()
         if not isinstance(image_size, int) or image_size < 32 or image_size % 32:
             raise ValueError(f"image_size={image_size!r} is not allowed: use a positive multiple of 32")
-        if in_channels != 3:
-            raise ValueError(f"in_channels={in_channels!r} is not allowed: detection images are RGB (3)")
         self.data_yaml = data_yaml
-        self.num_classes, self.image_size, self.in_channels = num_classes, image_size, in_channels
+        self.num_classes, self.image_size = num_classes, image_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.augment = dict(flip=flip, brightness=brightness, saturation=saturation, hue=hue) if augment else None
         self.class_names: list[str] = []
@@ -185,7 +206,7 @@ class YoloDataModule(pl.LightningDataModule):
         if len(spec["names"]) != self.num_classes:
             raise ValueError(
                 f"num_classes={self.num_classes} does not match {self.data_yaml}: it names "
-                f"{len(spec['names'])} classes {spec['names'][:10]}; set data.num_classes={len(spec['names'])}"
+                f"{len(spec['names'])} classes {spec['names'][:10]}; set data_shape.num_classes={len(spec['names'])}"
             )
         self.class_names = spec["names"]
         augment = self.augment or {}
@@ -194,8 +215,15 @@ class YoloDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(dataset, self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=collate, generator=generator, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            generator=generator,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -226,8 +254,16 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a) + area(b) - inter)
 
 
-def render_shapes_image(rng: np.random.Generator, size: int, shapes: list[str], colours: list[str],
-                        max_objects: int, min_frac: float, max_frac: float, max_overlap: float):
+def render_shapes_image(
+    rng: np.random.Generator,
+    size: int,
+    shapes: list[str],
+    colours: list[str],
+    max_objects: int,
+    min_frac: float,
+    max_frac: float,
+    max_overlap: float,
+):
     """One image and its YOLO label rows: 1..max_objects shapes on a noisy random background, each of side
     ``min_frac``..``max_frac`` of the image; a new shape overlapping an earlier one by IoU > max_overlap is
     redrawn elsewhere (up to 20 tries), so overlaps occur but no object is hidden."""
@@ -255,10 +291,19 @@ def render_shapes_image(rng: np.random.Generator, size: int, shapes: list[str], 
     return image, rows
 
 
-def make_shapes_dataset(root: str | Path, num_train: int = 2000, num_val: int = 200, image_size: int = 128,
-                        seed: int = 0, shapes: tuple[str, ...] = ("circle", "square", "triangle"),
-                        colours: tuple[str, ...] = ("red", "blue"), max_objects: int = 3,
-                        min_frac: float = 0.15, max_frac: float = 0.45, max_overlap: float = 0.3) -> Path:
+def make_shapes_dataset(
+    root: str | Path,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int = 128,
+    seed: int = 0,
+    shapes: tuple[str, ...] = ("circle", "square", "triangle"),
+    colours: tuple[str, ...] = ("red", "blue"),
+    max_objects: int = 3,
+    min_frac: float = 0.15,
+    max_frac: float = 0.45,
+    max_overlap: float = 0.3,
+) -> Path:
     """Write (once) the synthetic shapes set in YOLO format under ``root``; returns its data YAML's path.
 
     Classes are ``<colour> <shape>`` (class = shape index * len(colours) + colour index). The folder name is a
@@ -270,9 +315,19 @@ def make_shapes_dataset(root: str | Path, num_train: int = 2000, num_val: int = 
         raise ValueError(f"shapes={shapes!r}, colours={colours!r}: allowed shapes {SHAPES}, colours {list(COLOURS)}")
     if not 0 < min_frac <= max_frac < 1:
         raise ValueError(f"min_frac={min_frac}, max_frac={max_frac}: need 0 < min_frac <= max_frac < 1")
-    settings = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed, shapes=list(shapes),
-                    colours=list(colours), max_objects=max_objects, min_frac=min_frac, max_frac=max_frac,
-                    max_overlap=max_overlap, version=1)
+    settings = dict(
+        num_train=num_train,
+        num_val=num_val,
+        image_size=image_size,
+        seed=seed,
+        shapes=list(shapes),
+        colours=list(colours),
+        max_objects=max_objects,
+        min_frac=min_frac,
+        max_frac=max_frac,
+        max_overlap=max_overlap,
+        version=1,
+    )
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     final = Path(root).expanduser() / f"shapes_detect-{key}"
     data_yaml = final / "data.yaml"
@@ -286,8 +341,9 @@ def make_shapes_dataset(root: str | Path, num_train: int = 2000, num_val: int = 
             (building / "images" / split).mkdir(parents=True)
             (building / "labels" / split).mkdir(parents=True)
             for i in range(count):
-                image, rows = render_shapes_image(rng, image_size, list(shapes), list(colours), max_objects,
-                                                  min_frac, max_frac, max_overlap)
+                image, rows = render_shapes_image(
+                    rng, image_size, list(shapes), list(colours), max_objects, min_frac, max_frac, max_overlap
+                )
                 image.save(building / "images" / split / f"{i:06d}.png")
                 lines = [f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" for c, x, y, w, h in rows]
                 (building / "labels" / split / f"{i:06d}.txt").write_text("\n".join(lines) + "\n")
@@ -308,13 +364,32 @@ class ShapesDetectDataModule(YoloDataModule):
     """The embedded default: the synthetic shapes set (see ``make_shapes_dataset``), built under ``cache_dir``
     (default ``default_cache_dir()``) on first use. ``num_classes`` must be len(shapes) * len(colours)."""
 
-    def __init__(self, num_classes: int = 6, image_size: int = 64, num_train: int = 2000, num_val: int = 200,
-                 dataset_seed: int = 0, shapes: tuple[str, ...] = ("circle", "square", "triangle"),
-                 colours: tuple[str, ...] = ("red", "blue"), max_objects: int = 3, min_frac: float = 0.15,
-                 max_frac: float = 0.45, cache_dir: str | None = None, **loader_args):
-        self.generator_args = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=dataset_seed,
-                                   shapes=tuple(shapes), colours=tuple(colours), max_objects=max_objects,
-                                   min_frac=min_frac, max_frac=max_frac)
+    def __init__(
+        self,
+        num_classes: int = 6,
+        image_size: int = 64,
+        num_train: int = 2000,
+        num_val: int = 200,
+        dataset_seed: int = 0,
+        shapes: tuple[str, ...] = ("circle", "square", "triangle"),
+        colours: tuple[str, ...] = ("red", "blue"),
+        max_objects: int = 3,
+        min_frac: float = 0.15,
+        max_frac: float = 0.45,
+        cache_dir: str | None = None,
+        **loader_args,
+    ):
+        self.generator_args = dict(
+            num_train=num_train,
+            num_val=num_val,
+            image_size=image_size,
+            seed=dataset_seed,
+            shapes=tuple(shapes),
+            colours=tuple(colours),
+            max_objects=max_objects,
+            min_frac=min_frac,
+            max_frac=max_frac,
+        )
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         super().__init__(data_yaml="", num_classes=num_classes, image_size=image_size, **loader_args)
         if num_classes != len(shapes) * len(colours):

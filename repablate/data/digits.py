@@ -31,8 +31,15 @@ class DigitsDataModule(InMemoryDataModule):
     in_channels = 1
     image_size = 8
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, val_size: int = 180, test_size: int = 360,
-                 split_seed: int = 0, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        seed: int = 0,
+        val_size: int = 180,
+        test_size: int = 360,
+        split_seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__(batch_size, seed, eval_batch_size)
         check_positive_int(val_size=val_size, test_size=test_size)
         check_seed(split_seed=split_seed)
@@ -47,13 +54,17 @@ class DigitsDataModule(InMemoryDataModule):
         digits = load_digits()
         images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # pixel values are 0..16
         labels = torch.from_numpy(digits.target).long()
-        rest, test = train_test_split(np.arange(len(labels)), test_size=self.test_size, stratify=digits.target,
-                                      random_state=self.split_seed)
-        train, val = train_test_split(rest, test_size=self.val_size, stratify=digits.target[rest],
-                                      random_state=self.split_seed)
+        rest, test = train_test_split(
+            np.arange(len(labels)), test_size=self.test_size, stratify=digits.target, random_state=self.split_seed
+        )
+        train, val = train_test_split(
+            rest, test_size=self.val_size, stratify=digits.target[rest], random_state=self.split_seed
+        )
         train, val, test = (torch.from_numpy(np.sort(idx)) for idx in (train, val, test))
         self.split_indices = {"train": train, "val": val, "test": test}  # rows of load_digits(), for audits
         mean, std = images[train].mean(), images[train].std()
         images = (images - mean) / std
-        return {name: TensorBatches(images[idx], labels[idx]) for name, idx in
-                (("train", train), ("val", val), ("test", test))}
+        return {
+            name: TensorBatches(images[idx], labels[idx])
+            for name, idx in (("train", train), ("val", val), ("test", test))
+        }

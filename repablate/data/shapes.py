@@ -24,16 +24,19 @@ CLUTTER_SLOTS = 6  # each slot holds a line segment with probability 0.7 * diffi
 def _shape_masks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Boolean masks of every shape in unit shape coordinates (u, v), stacked on a new dim 1."""
     radius, box = torch.sqrt(u * u + v * v), torch.maximum(u.abs(), v.abs())
-    return torch.stack([
-        radius <= 1,
-        box <= 0.8,
-        (v >= -0.5) & (math.sqrt(3) * u.abs() + v <= 1),
-        (radius >= 0.55) & (radius <= 1),
-        ((u.abs() <= 0.28) & (v.abs() <= 1)) | ((v.abs() <= 0.28) & (u.abs() <= 1)),
-        (box <= 0.85) & (box >= 0.5),
-        (u.abs() <= 1) & (v.abs() <= 0.35),
-        (radius <= 1) & (v >= 0),
-    ], dim=1)
+    return torch.stack(
+        [
+            radius <= 1,
+            box <= 0.8,
+            (v >= -0.5) & (math.sqrt(3) * u.abs() + v <= 1),
+            (radius >= 0.55) & (radius <= 1),
+            ((u.abs() <= 0.28) & (v.abs() <= 1)) | ((v.abs() <= 0.28) & (u.abs() <= 1)),
+            (box <= 0.85) & (box >= 0.5),
+            (u.abs() <= 1) & (v.abs() <= 0.35),
+            (radius <= 1) & (v >= 0),
+        ],
+        dim=1,
+    )
 
 
 def _segment_distance(x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,9 @@ def _segment_distance(x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, end
     return torch.hypot(px - t * direction[..., 0, None, None], py - t * direction[..., 1, None, None])
 
 
-def render_shapes(n: int, difficulty: float, num_classes: int, seed: int,
-                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def render_shapes(
+    n: int, difficulty: float, num_classes: int, seed: int, chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images (float32, n x 3 x 32 x 32, roughly in [0, 1] plus noise) and labels (balanced classes)."""
     d = float(difficulty)
     g = torch.Generator().manual_seed(seed)
@@ -101,9 +105,18 @@ class ShapesDataModule(InMemoryDataModule):
     in_channels = 3
     image_size = SIZE
 
-    def __init__(self, batch_size: int = 64, seed: int = 0, difficulty: float = 0.5, num_classes: int = 6,
-                 train_size: int = 5000, val_size: int = 1000, test_size: int = 1000, data_seed: int = 0,
-                 eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        batch_size: int = 64,
+        seed: int = 0,
+        difficulty: float = 0.5,
+        num_classes: int = 6,
+        train_size: int = 5000,
+        val_size: int = 1000,
+        test_size: int = 1000,
+        data_seed: int = 0,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__(batch_size, seed, eval_batch_size)
         if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float)) or not 0 <= difficulty <= 1:
             raise ValueError(f"difficulty={difficulty!r} is not allowed: it must be a number in [0, 1]")

@@ -42,8 +42,9 @@ class TensorBatches(Dataset):
     The transform (augmentation, uint8 to float normalization) draws from its own generator seeded by ``seed``.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform | None = None, seed: int = 0
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.transform = images, labels.long(), transform
@@ -85,7 +86,7 @@ class SeededBatchSampler(Sampler[torch.Tensor]):
         else:
             order = torch.arange(self.size)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield order[start:start + self.batch_size]
+            yield order[start : start + self.batch_size]
 
 
 def batch_loader(dataset: TensorBatches, batch_size: int, shuffle: bool, seed: int, drop_last: bool) -> DataLoader:

@@ -55,7 +55,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     squares = torch.zeros_like(total)
     for lo in range(0, len(images), chunk):
-        part = images[lo:lo + chunk].double().div_(255)
+        part = images[lo : lo + chunk].double().div_(255)
         total += part.sum(dim=(0, 2, 3))
         squares += part.square().sum(dim=(0, 2, 3))
     count = images.numel() / images.shape[1]
@@ -69,7 +69,8 @@ def _split_off(n: int, held_out: int, seed: int) -> tuple[torch.Tensor, torch.Te
 
 
 class CIFARDataModule(InMemoryDataModule):
-    """CIFAR-10 or CIFAR-100 from a local ``root`` (torchvision's layout); ``download=True`` fetches it.
+    """CIFAR-10 or CIFAR-100 (``name="cifar10"`` or ``"cifar100"``) from a local ``root`` (torchvision's layout);
+    ``download=True`` fetches it.
 
     Train and val come from the official training set (``val_size`` images held out, fixed by ``split_seed``),
     test is the official test set. Standardized with the training split's per-channel statistics.
@@ -78,23 +79,32 @@ class CIFARDataModule(InMemoryDataModule):
     in_channels = 3
     image_size = 32
 
-    def __init__(self, root: str, variant: str = "cifar10", download: bool = False, batch_size: int = 128,
-                 seed: int = 0, val_size: int = 5000, split_seed: int = 0, augment: bool = True,
-                 eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        root: str,
+        name: str = "cifar10",
+        download: bool = False,
+        batch_size: int = 128,
+        seed: int = 0,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__(batch_size, seed, eval_batch_size)
-        if variant not in CIFAR:
-            raise ValueError(f"variant={variant!r} is not allowed: use one of {sorted(CIFAR)}")
+        if name not in CIFAR:
+            raise ValueError(f"name={name!r} is not allowed: use one of {sorted(CIFAR)}")
         check_positive_int(val_size=val_size)
         check_seed(split_seed=split_seed)
-        self.dataset_class, self.num_classes = CIFAR[variant]
-        self.root, self.variant, self.download = Path(root).expanduser(), variant, download
+        self.dataset_class, self.num_classes = CIFAR[name]
+        self.root, self.name, self.download = Path(root).expanduser(), name, download
         self.val_size, self.split_seed, self.augment = val_size, split_seed, augment
         if not download and not (self.root / self.dataset_class.base_folder).is_dir():
             raise FileNotFoundError(self._missing_message())
 
     def _missing_message(self) -> str:
         return (
-            f"{self.variant} not found under root={str(self.root)!r} (expected the folder "
+            f"{self.name} not found under root={str(self.root)!r} (expected the folder "
             f"{self.dataset_class.base_folder!r} there): point data.root at it, or set data.download=true "
             "to download it"
         )
@@ -136,9 +146,18 @@ class ImageFolderDataModule(InMemoryDataModule):
 
     in_channels = 3
 
-    def __init__(self, root: str, image_size: int = 64, batch_size: int = 64, seed: int = 0,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, augment: bool = True,
-                 eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        batch_size: int = 64,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        augment: bool = True,
+        eval_batch_size: int | None = None,
+    ):
         super().__init__(batch_size, seed, eval_batch_size)
         check_positive_int(image_size=image_size)
         check_seed(split_seed=split_seed)
@@ -159,12 +178,17 @@ class ImageFolderDataModule(InMemoryDataModule):
         except FileNotFoundError as error:
             raise FileNotFoundError(f"ImageFolder root={str(self.root)!r}: {error}") from error
         self.num_classes, self.image_size = len(self.classes), image_size
-        self.fractions, self.split_seed, self.augment = {"val": val_fraction, "test": test_fraction}, split_seed, augment
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.split_seed, self.augment = split_seed, augment
 
     def _load(self, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        resize = transforms.Compose([
-            transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size), transforms.PILToTensor(),
-        ])
+        resize = transforms.Compose(
+            [
+                transforms.Resize(self.image_size),
+                transforms.CenterCrop(self.image_size),
+                transforms.PILToTensor(),
+            ]
+        )
         dataset = datasets.ImageFolder(str(folder), transform=resize)
         if dataset.classes != self.classes:
             raise ValueError(f"the classes of {str(folder)!r} ({dataset.classes}) differ from train's ({self.classes})")
@@ -179,7 +203,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         for name in ("val", "test"):
             if name not in loaded:
                 count = round(self.fractions[name] * len(labels))
-                picked = order[start:start + count].sort().values
+                picked = order[start : start + count].sort().values
                 loaded[name] = (images[picked], labels[picked])
                 start += count
         if start >= len(labels):

@@ -19,10 +19,12 @@ def default_init(model: nn.Module) -> nn.Module:
 
 
 def article_init(model: nn.Module, dense_nonlinearity: str = "relu", std_1x1: float = 0.001) -> nn.Module:
-    """The article's RepConv initialization (../shared/seed/SUMMARY.md, section 4), applied to every RepConv.
+    """The RepConv initialization the article "YOLOv7's RepConv module: the structure magician of training and
+    inference" recommends in its practical advice, applied to every RepConv.
 
-    - k x k conv of the dense branch: Kaiming-normal, mode fan_out (std = gain / sqrt(c_out * k * k), as torch computes fan_out,
-      gain sqrt(2) for ``dense_nonlinearity="relu"``, any name ``torch.nn.init.calculate_gain`` knows);
+    - k x k conv of the dense branch: Kaiming-normal, mode fan_out (std = gain / sqrt(c_out * k * k), as torch
+      computes fan_out, gain sqrt(2) for ``dense_nonlinearity="relu"``, any name ``torch.nn.init.calculate_gain``
+      knows);
     - 1x1 conv: normal, mean 0, std ``std_1x1``;
     - identity BN: gamma 0 (its beta, and every other BN, untouched), so the block starts as dense + 1x1.
     Deployed (fused) RepConvs are skipped: their kernel is a sum of branches and has no branch to initialize.

@@ -1,11 +1,12 @@
-"""YOLOv7-tiny with swappable stride-1 3x3 convs, written from the layer list of the official
-``cfg/training/yolov7-tiny.yaml`` (facts in ../shared/reference/yolov7-tiny.md; layer indices in comments).
+"""YOLOv7-tiny with swappable stride-1 3x3 convs, written from the layer list of the official YOLOv7
+repository's ``cfg/training/yolov7-tiny.yaml`` and its modules in ``models/common.py`` (layer indices in comments).
 
 Every stride-1 3x3 conv (16 inside the ELAN blocks, 3 before the detection head) is built by one factory,
-chosen by ``conv3x3``: ``"original"`` (Conv + BN + LeakyReLU 0.1, the official layer and the plain-conv
+chosen by ``conv3x3``: ``"plain"`` (Conv + BN + LeakyReLU 0.1, the official layer and the plain-conv
 baseline), ``"repconv"`` (RepConv, same activation) or ``"repconv_n"`` (RepConv without identity branch), or
-a block factory such as the harness's ``block`` config (see ``conv3x3_factory``). Stride-2 and 1x1 convs stay official Convs. Everything, the
-detection head's implicit layers included, fuses through ``repablate.nn.reparameterize``.
+a block factory such as the harness's ``block`` config (see ``conv3x3_factory``). Stride-2 and 1x1 convs stay
+official Convs. Everything, the detection head's implicit layers included, fuses through
+``repablate.nn.reparameterize``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ANCHORS: tuple[tuple[float, ...], ...] = (
     (116, 90, 156, 198, 373, 326),
 )
 STRIDES = (8, 16, 32)
-CONV3X3_CHOICES = ("original", "repconv", "repconv_n")
+CONV3X3_CHOICES = ("plain", "repconv", "repconv_n")
 
 # YOLOv7-tiny's conv settings: LeakyReLU(0.1), and the BN constants of YOLOv7's training code.
 _BN = {"bn_eps": 1e-3, "bn_momentum": 0.03}
@@ -46,9 +47,13 @@ def conv3x3_factory(conv3x3: str | Callable[..., nn.Module], deploy: bool = Fals
     A callable (e.g. a Hydra partial of ``repablate.nn.RepConv`` or ``Conv`` with ``k=3``) is called with tiny's
     settings as keywords: ``act=LeakyReLU(0.1), deploy=..., bn_eps=1e-3, bn_momentum=0.03``.
     """
+    if conv3x3 == "original":
+        raise ValueError(
+            'conv3x3="original" is now called "plain" (the official Conv + BN + LeakyReLU 0.1): use conv3x3="plain"'
+        )
     if isinstance(conv3x3, str):
         named = {
-            "original": partial(Conv, k=3),
+            "plain": partial(Conv, k=3),
             "repconv": partial(RepConv, k=3),
             "repconv_n": partial(RepConv, k=3, use_identity=False),
         }
@@ -181,9 +186,7 @@ class IDetect(nn.Module):
     def decode(self, raw: torch.Tensor, level: int) -> torch.Tensor:
         """Raw map of one level -> (bs, na*ny*nx, no): xywh in pixels, then sigmoid scores."""
         bs, na, ny, nx, no = raw.shape
-        ys, xs = torch.meshgrid(
-            torch.arange(ny, device=raw.device), torch.arange(nx, device=raw.device), indexing="ij"
-        )
+        ys, xs = torch.meshgrid(torch.arange(ny, device=raw.device), torch.arange(nx, device=raw.device), indexing="ij")
         grid = torch.stack((xs, ys), -1).to(raw.dtype)
         y = raw.sigmoid()
         xy = (y[..., :2] * 2 - 0.5 + grid) * self.stride[level]
@@ -210,7 +213,7 @@ class YOLOv7Tiny(nn.Module):
 
     Args:
         nc: number of classes.
-        conv3x3: "original", "repconv", "repconv_n" or a ``block(c_in, c_out, s=1)`` factory.
+        conv3x3: "plain", "repconv", "repconv_n" or a ``block(c_in, c_out, s=1)`` factory.
         deploy: build every block in its fused form, so that a deployed state_dict loads.
         in_channels: image channels.
         anchors: per level (w, h, w, h, ...) in pixels; the official anchors by default.
@@ -221,7 +224,7 @@ class YOLOv7Tiny(nn.Module):
     def __init__(
         self,
         nc: int = 80,
-        conv3x3: str | Callable[..., nn.Module] = "original",
+        conv3x3: str | Callable[..., nn.Module] = "plain",
         deploy: bool = False,
         in_channels: int = 3,
         anchors: Sequence[Sequence[float]] = ANCHORS,

@@ -1,4 +1,5 @@
-"""The article's extension blocks (../shared/seed, section 4.3 and 5), built from RepConv and Conv.
+"""The extension blocks sketched by the article "YOLOv7's RepConv module: the structure magician of training and
+inference" (its extensions and its outlook), built from RepConv and Conv.
 
 They hold no fusion code of their own except CrossRepConv, whose shared dense branch and per-modality 1x1
 branches fuse into one conv per modality; everything fuses through ``repablate.nn.reparameterize``.

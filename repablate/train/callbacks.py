@@ -1,8 +1,12 @@
-"""Callbacks that work for any LightningModule following the protocol in ``repablate.train.module``.
+"""The harness's callbacks. They work for any task module (``repablate.train.task.TaskModule``'s protocol:
+``model``, ``evaluate``, ``example_input``).
 
 BranchGradientMonitor watches every multi-branch block's gradients; DivergenceGuard ends a run whose loss or
 weights stop being finite; DeployCheck fuses, proves, evaluates and measures the model at the end of fit;
-RunRecorder feeds results.json and checkpoints.
+TrainingThroughput times the training epochs; RunConfigInCheckpoints stores the run config in every checkpoint.
+
+A callback that contributes to results.json has ``run_results() -> dict[str, Any]``: flat results.json fields,
+read once the fit has ended (``repablate.train.main`` merges those of every callback that has the method).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,11 +28,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from repablate.nn import equivalence_error, load_state_dict, reparameterize
-from repablate.train.checkpoints import read_checkpoint
+from repablate.results import GRADIENT_COLUMNS, write_atomically
+from repablate.train.checkpoints import CheckpointError, check_model_config, read_checkpoint
 
 log = logging.getLogger(__name__)
-
-CSV_COLUMNS = ("step", "layer", "branch", "grad_norm", "share")
 
 
 class DeployMismatchError(RuntimeError):
@@ -50,8 +52,11 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
 
     One device sync for the whole module (the per-tensor flags are stacked before they are read).
     """
-    named = [(name, tensor) for name, tensor in (*module.named_parameters(), *module.named_buffers())
-             if tensor.is_floating_point() and tensor.numel()]
+    named = [
+        (name, tensor)
+        for name, tensor in (*module.named_parameters(), *module.named_buffers())
+        if tensor.is_floating_point() and tensor.numel()
+    ]
     if not named:
         return []
     with torch.no_grad():
@@ -84,8 +89,13 @@ class BranchGradientMonitor(Callback):
     for deep models; every (step, layer, branch) row goes to ``csv_path``.
     """
 
-    def __init__(self, every_n_steps: int = 10, threshold: float = 0.01, patience: int = 5,
-                 csv_path: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        threshold: float = 0.01,
+        patience: int = 5,
+        csv_path: str | os.PathLike | None = None,
+    ):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} is not allowed: it must be a positive integer")
         if not 0 <= threshold < 1:
@@ -116,14 +126,17 @@ class BranchGradientMonitor(Callback):
         if not self._layers or step % self.every_n_steps:
             return
         zero = torch.zeros((), device=pl_module.device)
-        norms = torch.stack([
-            torch.linalg.vector_norm(torch.stack([p.grad.norm() if p.grad is not None else zero for p in params]))
-            for _, branches in self._layers for params in branches.values()
-        ]).tolist()  # one device sync for the whole model
+        norms = torch.stack(
+            [
+                torch.linalg.vector_norm(torch.stack([p.grad.norm() if p.grad is not None else zero for p in params]))
+                for _, branches in self._layers
+                for params in branches.values()
+            ]
+        ).tolist()  # one device sync for the whole model
         aggregate: dict[str, list[float]] = defaultdict(list)
         index = 0
         for layer, branches in self._layers:
-            layer_norms = norms[index:index + len(branches)]
+            layer_norms = norms[index : index + len(branches)]
             index += len(branches)
             total = sum(layer_norms)
             for branch, norm in zip(branches, layer_norms, strict=True):
@@ -148,7 +161,13 @@ class BranchGradientMonitor(Callback):
             self.warnings += 1
             log.warning(
                 "branch '%s' of layer '%s' is starved: its share of the layer's gradient norm stayed below %g for "
-                "%d checks in a row (now %.2e, step %d)", branch, layer, self.threshold, self.patience, share, step,
+                "%d checks in a row (now %.2e, step %d)",
+                branch,
+                layer,
+                self.threshold,
+                self.patience,
+                share,
+                step,
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -168,11 +187,11 @@ class BranchGradientMonitor(Callback):
         with self.csv_path.open("a", newline="") as handle:
             writer = csv.writer(handle)
             if new:
-                writer.writerow(CSV_COLUMNS)
+                writer.writerow(GRADIENT_COLUMNS)
             writer.writerows(self._rows)
         self._rows = []
 
-    def summary(self) -> dict[str, float]:
+    def run_results(self) -> dict[str, float]:
         """``grad/warnings`` and, per branch kind, the mean and min share over every check and layer."""
         result: dict[str, float] = {"grad/warnings": self.warnings}
         for branch, count in self._share_count.items():
@@ -194,7 +213,9 @@ class DivergenceGuard(Callback):
 
     def __init__(self, check_every_n_steps: int = 10, sync_every_step: bool | None = None):
         if not isinstance(check_every_n_steps, int) or isinstance(check_every_n_steps, bool) or check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} is not allowed: it must be a positive integer")
+            raise ValueError(
+                f"check_every_n_steps={check_every_n_steps!r} is not allowed: it must be a positive integer"
+            )
         self.check_every_n_steps, self.sync_every_step = check_every_n_steps, sync_every_step
         self._first_bad_step: torch.Tensor | None = None  # -1 while every loss has been finite
         self._first_bad_loss: torch.Tensor | None = None
@@ -220,8 +241,9 @@ class DivergenceGuard(Callback):
         self._first_bad_step = torch.where(first, step, self._first_bad_step)
         self._first_bad_loss = torch.where(first, loss.float(), self._first_bad_loss)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.check_every_n_steps == 0:
             self._raise_if_a_loss_was_bad()
 
@@ -237,7 +259,8 @@ class DivergenceGuard(Callback):
     def _loss_error(loss: torch.Tensor, step: int) -> TrainingDiverged:
         return TrainingDiverged(
             f"the training loss is {loss.item()} at optimizer step {step}: training diverged (a lower optimizer.lr or "
-            "lr_scale, a warm-up or trainer.gradient_clip_val may keep it finite)", step,
+            "lr_scale, a warm-up or trainer.gradient_clip_val may keep it finite)",
+            step,
         )
 
 
@@ -247,21 +270,10 @@ def raise_if_nonfinite(model: nn.Module, when: str, global_step: int) -> None:
     bad = nonfinite_tensors(model)
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise TrainingDiverged(f"{when} the model holds NaN or infinity in {len(bad)} tensors ({shown}): "
-                               "training diverged", global_step - 1 if global_step > 0 else None)
-
-
-def save_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+        raise TrainingDiverged(
+            f"{when} the model holds NaN or infinity in {len(bad)} tensors ({shown}): training diverged",
+            global_step - 1 if global_step > 0 else None,
+        )
 
 
 @contextmanager
@@ -284,16 +296,25 @@ class DeployCheck(Callback):
        ``metric_atol`` fails the run (float noise may flip near-tie predictions, nothing more);
     3. ``repablate.bench.measure_forms`` of both forms on ``example_input(measure_batch_size)``, with ``bench``
        as its keyword arguments;
-    4. ``checkpoint_path`` (deploy.pt): ``{"state_dict", "config", "deploy": True}``, verified by loading it
-       into ``instantiate(config["model"], deploy=True)`` and comparing outputs.
+    4. ``checkpoint_path`` (deploy.pt): ``{"state_dict", "config", "deploy": True}``, verified the way any
+       tool reads it: weights only (``read_checkpoint``), loaded into ``instantiate(config["model"],
+       deploy=True)`` from the run's own config in memory, outputs compared. A model target outside
+       ``repablate.train.checkpoints``' allow-list (a user's own block) is built, with a warning that inspect
+       will refuse to rebuild that file.
 
     ``run_config`` (the resolved run config, a plain dict) is set by the entry point; without it step 4 saves
-    no config and skips the verification. Results are in ``self.results`` (flat, results.json's keys).
+    no config and skips the verification. ``run_results()``: the figures of steps 1-3 (flat, results.json's keys).
     """
 
-    def __init__(self, checkpoint_path: str | os.PathLike, equivalence_batches: int = 4,
-                 max_rel_error: float = 1e-4, metric_atol: float = 0.005, measure_batch_size: int = 32,
-                 bench: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        checkpoint_path: str | os.PathLike,
+        equivalence_batches: int = 4,
+        max_rel_error: float = 1e-4,
+        metric_atol: float = 0.005,
+        measure_batch_size: int = 32,
+        bench: dict[str, Any] | None = None,
+    ):
         if not isinstance(equivalence_batches, int) or equivalence_batches < 1:
             raise ValueError(f"equivalence_batches={equivalence_batches!r} is not allowed: it must be >= 1")
         self.checkpoint_path = Path(checkpoint_path)
@@ -302,6 +323,9 @@ class DeployCheck(Callback):
         self.bench = dict(bench or {})
         self.run_config: dict[str, Any] | None = None
         self.results: dict[str, Any] = {}
+
+    def run_results(self) -> dict[str, Any]:
+        return dict(self.results)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
@@ -345,15 +369,21 @@ class DeployCheck(Callback):
                 )
 
     def _save_deploy_checkpoint(self, deployed: nn.Module, example: torch.Tensor) -> None:
-        save_atomically(
-            {"state_dict": deployed.state_dict(), "config": self.run_config, "deploy": True}, self.checkpoint_path
-        )
+        checkpoint = {"state_dict": deployed.state_dict(), "config": self.run_config, "deploy": True}
+        write_atomically(self.checkpoint_path, lambda stream: torch.save(checkpoint, stream))
         if self.run_config is None:
             return
-        # Reloaded the way repablate's tools load any checkpoint (weights only, allowed targets only), so a
-        # deploy.pt that passes here also loads in `python -m repablate.inspect`.
-        # The config is this run's own composition, held in memory (not read from a file), so a user's own block
-        # target is as trusted as the run itself; only the weights come back from disk, read as data.
+        # The weights come back from the file as data (weights only). The model config is this run's own
+        # composition, held in memory, so a user's own block is as trusted as the run itself and is built; only a
+        # config read from a file is held to the allow-list, and the user is told when inspect would refuse it.
+        try:
+            check_model_config(self.run_config["model"], deploy=True)
+        except CheckpointError as error:
+            log.warning(
+                "%s: the deploy checkpoint is saved and verified here, but `python -m repablate.inspect` "
+                "will refuse to rebuild it from the file",
+                error,
+            )
         from hydra.utils import instantiate
 
         rebuilt = instantiate(self.run_config["model"], deploy=True).to(example.device)
@@ -367,16 +397,12 @@ class DeployCheck(Callback):
             )
 
 
-class RunRecorder(Callback):
-    """What the run record needs from the fit, in one callback (each callback costs hook dispatch every step):
+class TrainingThroughput(Callback):
+    """Training images per second (results.json's ``train/images_per_s``): images over the time from each train
+    epoch's start to its last batch's end (validation, checkpointing and the deploy check excluded; data loading
+    included)."""
 
-    - training images per second: images over the time from each train epoch's start to its last batch's end
-      (validation, checkpointing and the deploy check excluded; data loading included);
-    - the resolved run config, stored in every Lightning checkpoint as ``ckpt["repablate_config"]``.
-    """
-
-    def __init__(self, config: dict[str, Any] | None = None):
-        self.config = config
+    def __init__(self):
         self.images, self.seconds = 0, 0.0
         self._epoch_start = self._last_batch_end = None
 
@@ -395,6 +421,16 @@ class RunRecorder(Callback):
         """Images per second over all train epochs so far; None before any."""
         return self.images / self.seconds if self.seconds > 0 else None
 
+    def run_results(self) -> dict[str, Any]:
+        return {"train/images_per_s": self.images_per_s}
+
+
+class RunConfigInCheckpoints(Callback):
+    """Stores ``config`` (the resolved run config, a plain dict) in every Lightning checkpoint as
+    ``ckpt["repablate_config"]``, so that the model can be rebuilt from a checkpoint alone."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        if self.config is not None:
-            checkpoint["repablate_config"] = self.config
+        checkpoint["repablate_config"] = self.config

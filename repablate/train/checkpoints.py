@@ -84,25 +84,48 @@ def _not_a_checkpoint(path: Path, error: Exception) -> CheckpointError:
         detail = unpickler.group(1)
     else:
         detail = message.splitlines()[0].split(". ")[0] if message else ""
-    return CheckpointError(f"{path} is not a torch checkpoint (a file written by torch.save), or it is damaged "
-                           f"(torch.load: {' '.join([type(error).__name__, detail[:160]]).strip()})")
+    return CheckpointError(
+        f"{path} is not a torch checkpoint (a file written by torch.save), or it is damaged "
+        f"(torch.load: {' '.join([type(error).__name__, detail[:160]]).strip()})"
+    )
 
 
 # --- rebuilding a model from a stored config -------------------------------------------------------------------------
 
 # torch.nn activation modules a block's ``act`` may be: their arguments are numbers and flags only.
 ACTIVATIONS = (
-    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
 )
 # The networks and block factories of repablate.models (not its init schemes, which take a model, not sizes).
 MODELS = (
-    repablate.models.RepVGGClassifier, repablate.models.YOLOv7Tiny, repablate.models.small, repablate.models.repvgg_a0,
-    repablate.models.repvgg_a1, repablate.models.repvgg_b0, repablate.models.repconv_relu,
+    repablate.models.RepVGGClassifier,
+    repablate.models.YOLOv7Tiny,
+    repablate.models.small,
+    repablate.models.repvgg_a0,
+    repablate.models.repvgg_a1,
+    repablate.models.repvgg_b0,
+    repablate.models.repconv_relu,
 )
 # Every block repablate.nn exports (its nn.Module classes; not its functions such as reparameterize).
 BLOCKS = tuple(
-    obj for obj in (getattr(repablate.nn, name) for name in repablate.nn.__all__)
+    obj
+    for obj in (getattr(repablate.nn, name) for name in repablate.nn.__all__)
     if isinstance(obj, type) and issubclass(obj, nn.Module)
 )
 # Hydra's control keys a stored model config may use. _args_ (positional arguments), _recursive_ and _convert_ are
@@ -160,11 +183,15 @@ def check_model_config(model_config: Mapping[str, Any], **kwargs: Any) -> None:
             _check_node(value, where)
         elif isinstance(value, str) and "${" in value:
             # Stored configs are resolved; an interpolation would run OmegaConf resolvers (oc.env, oc.decode, ...).
-            raise CheckpointError(f"value {value!r} at {where} is an interpolation, which a stored model config may "
-                                  "not hold (stored configs are resolved)")
+            raise CheckpointError(
+                f"value {value!r} at {where} is an interpolation, which a stored model config may "
+                "not hold (stored configs are resolved)"
+            )
         elif not isinstance(value, (list, tuple, *PLAIN_VALUES)):
-            raise CheckpointError(f"the model config holds a {type(value).__name__} at {where}; a stored model "
-                                  "config holds only numbers, strings, booleans, None, lists and mappings")
+            raise CheckpointError(
+                f"the model config holds a {type(value).__name__} at {where}; a stored model "
+                "config holds only numbers, strings, booleans, None, lists and mappings"
+            )
 
 
 def _check_node(node: Mapping[Any, Any], where: str) -> None:
@@ -183,8 +210,10 @@ def _check_node(node: Mapping[Any, Any], where: str) -> None:
         if not isinstance(key, str):
             raise CheckpointError(f"key {key!r} at {where} is not allowed: keys of a model config are strings")
         if key.startswith("_") and key.endswith("_") and len(key) > 2 and key not in ALLOWED_CONTROL_KEYS:
-            raise CheckpointError(f"key {key!r} at {where} is not allowed in a stored model config: of Hydra's "
-                                  f"control keys only {sorted(ALLOWED_CONTROL_KEYS)} are")
+            raise CheckpointError(
+                f"key {key!r} at {where} is not allowed in a stored model config: of Hydra's "
+                f"control keys only {sorted(ALLOWED_CONTROL_KEYS)} are"
+            )
 
 
 def build_model(model_config: Mapping[str, Any], **kwargs: Any) -> nn.Module:

@@ -1,5 +1,5 @@
-"""The detection LightningModule (``task=detect``), following the task protocol of ``repablate.train.module``:
-``self.model``, ``evaluate(model, dataloader) -> {"map50", "map"}``, ``example_input(batch_size)``.
+"""The detection LightningModule (``task=detect``), a ``repablate.train.task.TaskModule``:
+``evaluate(model, dataloader) -> {"map50", "map"}``.
 
 The model is a YOLO-style detector (``repablate.models.yolov7_tiny.YOLOv7Tiny``): raw per-level maps in
 training mode, ``(decoded, raw)`` in eval mode. Detections are decoded boxes after per-class NMS
@@ -9,9 +9,6 @@ Weight EMA is Lightning's ``EMAWeightAveraging`` callback (validation and the fi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchmetrics import MaxMetric
@@ -19,14 +16,17 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import batched_nms, box_convert
 
 from repablate.train.schedules import configure_optimization
+from repablate.train.task import OptimizerFactory, SchedulerFactory, TaskModule
 from repablate.train.yolo_loss import YoloLoss
 
-OptimizerFactory = Callable[[Iterable], torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 
-
-def postprocess(decoded: torch.Tensor, conf_threshold: float = 0.001, iou_threshold: float = 0.65,
-                max_detections: int = 100, max_candidates: int = 10000) -> list[dict[str, torch.Tensor]]:
+def postprocess(
+    decoded: torch.Tensor,
+    conf_threshold: float = 0.001,
+    iou_threshold: float = 0.65,
+    max_detections: int = 100,
+    max_candidates: int = 10000,
+) -> list[dict[str, torch.Tensor]]:
     """Decoded head output (B, N, 5 + classes: cx, cy, w, h, objectness, class scores) -> per image a dict of
     ``boxes`` (xyxy pixels), ``scores`` (objectness x class score) and ``labels``, after per-class NMS.
 
@@ -60,7 +60,7 @@ def map_metric() -> MeanAveragePrecision:
     return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
 
 
-class DetectionModule(pl.LightningModule):
+class DetectionModule(TaskModule):
     """YOLO training with the YOLO loss; logs ``train/loss`` (and its box/obj/cls parts), ``val/loss``,
     ``val/map50``, ``val/map``, ``val/map50_best`` and ``test/map50``, ``test/map``.
 
@@ -74,31 +74,43 @@ class DetectionModule(pl.LightningModule):
         conf_threshold, iou_threshold, max_detections: of NMS for evaluation.
     """
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
-                 num_classes: int = 80, in_channels: int = 3, image_size: int = 640, lr_scale: float = 1.0,
-                 box_gain: float = 0.05, obj_gain: float = 1.0, cls_gain: float = 0.5, anchor_t: float = 4.0,
-                 conf_threshold: float = 0.001, iou_threshold: float = 0.65, max_detections: int = 100):
-        super().__init__()
-        if not lr_scale > 0:
-            raise ValueError(f"lr_scale={lr_scale!r} is not allowed: it must be a positive number")
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int = 80,
+        in_channels: int = 3,
+        image_size: int = 640,
+        lr_scale: float = 1.0,
+        box_gain: float = 0.05,
+        obj_gain: float = 1.0,
+        cls_gain: float = 0.5,
+        anchor_t: float = 4.0,
+        conf_threshold: float = 0.001,
+        iou_threshold: float = 0.65,
+        max_detections: int = 100,
+    ):
+        super().__init__(model, optimizer, scheduler, num_classes, in_channels, image_size, lr_scale)
         head = getattr(model, "detect", None)
         if head is None or not hasattr(head, "anchors"):
             raise ValueError(f"model {type(model).__name__} has no YOLO head: expected model.detect with anchors")
         if head.nc != num_classes:
             raise ValueError(f"num_classes={num_classes} does not match the model's head ({head.nc} classes)")
-        self.model = model
-        self.optimizer_factory, self.scheduler_factory, self.lr_scale = optimizer, scheduler, lr_scale
-        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.loss = YoloLoss(head.anchors, head.stride, num_classes, image_size,
-                             box=box_gain, obj=obj_gain, cls=cls_gain, anchor_t=anchor_t)
+        self.loss = YoloLoss(
+            head.anchors,
+            head.stride,
+            num_classes,
+            image_size,
+            box=box_gain,
+            obj=obj_gain,
+            cls=cls_gain,
+            anchor_t=anchor_t,
+        )
         self.nms = dict(conf_threshold=conf_threshold, iou_threshold=iou_threshold, max_detections=max_detections)
-        self.val_map = map_metric()
-        self.test_map = map_metric()
+        self.val_map, self.test_map = self.new_metric(), self.new_metric()
         self.val_map50_best = MaxMetric()
         self.val_map50_best.persistent(True)
-
-    def forward(self, x: torch.Tensor):
-        return self.model(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
@@ -133,18 +145,15 @@ class DetectionModule(pl.LightningModule):
         self.test_map.reset()
         self.log_dict({"test/map50": result["map_50"], "test/map": result["map"]})
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, dataloader: Iterable) -> dict[str, float]:
-        """mAP@0.5 and mAP@0.5:0.95 of ``model`` (either form) over ``dataloader``, in eval mode (mode restored)."""
-        was_training = model.training
-        model.eval()
-        metric = map_metric()
-        try:
-            for images, targets in dataloader:
-                decoded, _ = model(images.to(self.device))
-                metric.update(postprocess(decoded, **self.nms), targets_per_image(targets.to(self.device), len(images)))
-        finally:
-            model.train(was_training)
+    def new_metric(self) -> MeanAveragePrecision:
+        return map_metric()
+
+    def update_metric(self, metric: MeanAveragePrecision, outputs, targets: torch.Tensor) -> None:
+        decoded, _ = outputs  # eval mode: (decoded, raw)
+        metric.update(postprocess(decoded, **self.nms), targets_per_image(targets, len(decoded)))
+
+    def metric_results(self, metric: MeanAveragePrecision) -> dict[str, float]:
+        """mAP@0.5 and mAP@0.5:0.95: ``{"map50": ..., "map": ...}``."""
         result = metric.compute()
         return {"map50": result["map_50"].item(), "map": result["map"].item()}
 

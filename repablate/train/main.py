@@ -1,20 +1,20 @@
 """The main job: ``python -m repablate +variant=NAME [overrides]``.
 
 Composes conf/ with Hydra, trains the model in its multi-branch form with Lightning, fuses it and proves the
-fused form equivalent (DeployCheck), measures both forms and writes results.json into the run directory.
+fused form equivalent (DeployCheck), measures both forms, writes results.json into the run directory and ends on
+a short summary of the run (repablate.train.console).
 Heavy imports (torch, lightning, wandb) happen inside ``run`` so that ``--cfg job`` and ``--help`` are quick.
 How a run ends when it does not complete (status, exit code, files kept): docs/FAILURE_MODES.md.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import secrets
 import signal
+import subprocess
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,19 +26,28 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import repablate
 from repablate.paths import conf_dir
-from repablate.train.results import RESULTS_FILE, SWEEP_JOBS_FILE, flatten, git_commit, write_json_atomically
+from repablate.results import (
+    COMPLETED,
+    DIVERGED,
+    FAILED,
+    INTERRUPTED,
+    RESULTS_FILE,
+    RUN_FILES,
+    SWEEP_JOBS_FILE,
+    flatten,
+    write_json,
+)
+from repablate.train.console import quiet_console, quiet_wandb, run_summary
 
 log = logging.getLogger(__name__)
 
 DATA_SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything enforces
-# What a run writes into its directory; Hydra's own .hydra/ and main.log are there before the run starts.
-RUN_FILES = (RESULTS_FILE, "metrics.csv", "branch_gradients.csv", "checkpoints")
 SWEEP_FILES = ("multirun.yaml", SWEEP_JOBS_FILE)  # what a started sweep has written into its directory
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -141,11 +150,15 @@ def check_resume_checkpoint(path: str) -> None:
     except CheckpointError as error:
         raise ConfigError(f"ckpt_path={path!r} is not allowed: {error}") from None
     if checkpoint.get("deploy") is True:
-        raise ConfigError(f"ckpt_path={path!r} is not allowed: it is a deploy checkpoint (the fused weights only); "
-                          "resume from the run's checkpoints/last.ckpt")
+        raise ConfigError(
+            f"ckpt_path={path!r} is not allowed: it is a deploy checkpoint (the fused weights only); "
+            "resume from the run's checkpoints/last.ckpt"
+        )
     if "pytorch-lightning_version" not in checkpoint or "loops" not in checkpoint:
-        raise ConfigError(f"ckpt_path={path!r} is not allowed: it is not a Lightning training checkpoint; resume "
-                          "from a run's checkpoints/last.ckpt")
+        raise ConfigError(
+            f"ckpt_path={path!r} is not allowed: it is not a Lightning training checkpoint; resume "
+            "from a run's checkpoints/last.ckpt"
+        )
 
 
 def check_run_dir_is_new(run_dir: Path) -> None:
@@ -210,25 +223,46 @@ class RunDirectoryGuard(HydraCallback):
             raise SystemExit(str(error)) from None
         jobs = sweep_jobs(config)
         if jobs is None:
-            log.info("%s not written: the sweeper %s does not know its jobs ahead", SWEEP_JOBS_FILE,
-                     config.hydra.sweeper.get("_target_"))
+            log.info(
+                "%s not written: the sweeper %s does not know its jobs ahead",
+                SWEEP_JOBS_FILE,
+                config.hydra.sweeper.get("_target_"),
+            )
             return
-        write_json_atomically({"jobs": [{"num": num, "overrides": job} for num, job in enumerate(jobs)]},
-                              sweep_dir / SWEEP_JOBS_FILE)
+        listing = {"jobs": [{"num": num, "overrides": job} for num, job in enumerate(jobs)]}
+        write_json(sweep_dir / SWEEP_JOBS_FILE, listing)
 
 
-def build_datamodule(data_cfg: DictConfig):
-    """Instantiate ``cfg.data``; its num_classes/in_channels/image_size keys (which the model interpolates) go to
-    the constructor only if it takes them, and must agree with the datamodule's own attributes."""
-    target = get_class(data_cfg._target_) if "_target_" in data_cfg else None
-    accepted = set(inspect.signature(target).parameters) if target is not None else set()
-    node = OmegaConf.to_container(data_cfg, resolve=True)
-    datamodule = instantiate({k: v for k, v in node.items() if k not in DATA_SHAPE_KEYS or k in accepted})
+def build_datamodule(data_cfg: DictConfig, data_shape: DictConfig):
+    """Instantiate ``cfg.data``, and check that the datamodule's own num_classes, in_channels and image_size agree
+    with ``cfg.data_shape``, which the model and task configs read."""
+    datamodule = instantiate(data_cfg)
     for key in DATA_SHAPE_KEYS:
-        actual = getattr(datamodule, key, None)
-        if key in data_cfg and actual is not None and actual != data_cfg[key]:
-            raise ConfigError(f"data.{key}={data_cfg[key]!r} does not match the dataset, which has {key}={actual!r}")
+        expected, actual = data_shape[key], getattr(datamodule, key, None)
+        if actual is not None and actual != expected:
+            raise ConfigError(
+                f"data_shape.{key}={expected!r} does not match the data: {type(datamodule).__name__} "
+                f"has {key}={actual!r} (set data_shape.{key}={actual!r})"
+            )
     return datamodule
+
+
+def git_commit(directory: str | Path) -> str | None:
+    """The commit checked out at ``directory``, with "-dirty" if tracked files changed; None outside git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}-dirty" if dirty else commit
 
 
 def _device_name(device) -> str:
@@ -244,16 +278,11 @@ def _metrics(trainer) -> dict[str, Any]:
 
 
 def _collect(trainer, module, callbacks) -> dict[str, Any]:
-    from repablate.train.callbacks import BranchGradientMonitor, DeployCheck, RunRecorder
-
+    """What the fit reached, and the ``run_results()`` of every callback that reports some (docs/ARCHITECTURE.md)."""
     record: dict[str, Any] = {}
     for callback in callbacks:
-        if isinstance(callback, DeployCheck):
-            record.update(callback.results)
-        elif isinstance(callback, BranchGradientMonitor):
-            record.update(callback.summary())
-        elif isinstance(callback, RunRecorder):
-            record["train/images_per_s"] = callback.images_per_s
+        if hasattr(callback, "run_results"):
+            record.update(callback.run_results())
     record.update(epochs=trainer.current_epoch, global_step=trainer.global_step, device=_device_name(module.device))
     return record
 
@@ -265,7 +294,7 @@ def _finish_wandb(loggers, record: dict[str, Any]) -> None:
         if isinstance(logger, WandbLogger):
             experiment = logger.experiment
             experiment.summary.update(record)
-            experiment.finish(exit_code=0 if record["status"] == "completed" else 1)
+            experiment.finish(exit_code=0 if record["status"] == COMPLETED else 1)
 
 
 @dataclass
@@ -282,35 +311,32 @@ class Assembly:
 def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     """Seed, then instantiate data, model (initialized), task module, callbacks, loggers and Trainer from ``cfg``.
 
-    ``config`` (the resolved config as a plain dict) goes to checkpoints and to callbacks with a ``run_config``.
+    ``config`` (the resolved config as a plain dict) goes into every checkpoint and into deploy.pt.
     """
     import lightning.pytorch as pl
     import torch
 
-    from repablate.train.callbacks import RunRecorder
+    from repablate.train.callbacks import DeployCheck, RunConfigInCheckpoints, TrainingThroughput
 
-    # metrics.csv shares the run directory with .hydra/ and main.log, which the CSV logger never deletes.
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-    # Step logging simply continues across epochs when an epoch has fewer steps than the logging interval.
-    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
-
+    quiet_console()
     validate(cfg)
     if config is None:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     if cfg.get("threads") is not None:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg.data)
+    datamodule = build_datamodule(cfg.data, cfg.data_shape)
     model = instantiate(cfg.model)
     instantiate(cfg.init)(model)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = instantiate(cfg.task.module, model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-    for callback in callbacks:
-        if hasattr(callback, "run_config"):
-            callback.run_config = config
-    callbacks.append(RunRecorder(config))
+    callbacks.append(TrainingThroughput())  # results.json's train/images_per_s
+    callbacks.append(RunConfigInCheckpoints(config))  # ckpt["repablate_config"]: a checkpoint rebuilds its model
+    for deploy_check in (callback for callback in callbacks if isinstance(callback, DeployCheck)):
+        deploy_check.run_config = config  # deploy.pt holds it, and the check rebuilds the deployed model from it
     loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
+    quiet_wandb(loggers)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     return Assembly(datamodule, module, callbacks, loggers, trainer)
 
@@ -346,10 +372,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     started = time.time()
     record: dict[str, Any] = {
-        "status": "failed", "error": None, "diverged_at_step": None, "variant": cfg.get("variant"),
+        "status": FAILED,
+        "error": None,
+        "diverged_at_step": None,
+        "variant": cfg.get("variant"),
         "seed": cfg.get("seed"),
         "task": HydraConfig.get().runtime.choices.get("task") if HydraConfig.initialized() else None,
-        "run_dir": str(run_dir), "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "run_dir": str(run_dir),
+        "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "git_commit": git_commit(Path(repablate.__file__).parent),
     }
     parts: Assembly | None = None
@@ -367,32 +397,36 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         record.update(_collect(parts.trainer, parts.module, parts.callbacks))
         parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
         record.update(_metrics(parts.trainer))
-        record["status"] = "completed"
+        record["status"] = COMPLETED
     except BaseException as error:
         interruption = _as_interruption(error)
         if isinstance(error, TrainingDiverged):
-            record.update(status="diverged", diverged_at_step=error.step)
+            record.update(status=DIVERGED, diverged_at_step=error.step)
         elif interruption is not None:
-            record["status"] = "interrupted"
+            record["status"] = INTERRUPTED
         reported = interruption or error
         record["error"] = f"{type(reported).__name__}: {reported}"
         last = run_dir / "checkpoints" / "last.ckpt"
-        resume = f"; resume with ckpt_path={last}" if record["status"] != "failed" and last.is_file() else ""
+        resume = f"; resume with ckpt_path={last}" if record["status"] != FAILED and last.is_file() else ""
         log.error("run %s: %s%s", record["status"], record["error"], resume)
         if interruption is not None and interruption is not error and not isinstance(error, KeyboardInterrupt):
             raise interruption from error  # Lightning's SIGTERMException is a SystemExit with status 0
         raise
     finally:
-        if parts is not None and record["status"] != "completed":  # how far it got
-            record.update(epochs=parts.trainer.current_epoch, global_step=parts.trainer.global_step,
-                          device=_device_name(parts.module.device))
+        if parts is not None and record["status"] != COMPLETED:  # how far it got
+            record.update(
+                epochs=parts.trainer.current_epoch,
+                global_step=parts.trainer.global_step,
+                device=_device_name(parts.module.device),
+            )
         finished = time.time()
-        record.update(finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(),
-                      wall_time_s=finished - started)
-        write_json_atomically(record, run_dir / RESULTS_FILE)
+        record.update(
+            finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(), wall_time_s=finished - started
+        )
+        write_json(run_dir / RESULTS_FILE, record)
         if parts is not None:
             _finish_wandb(parts.loggers, record)
-    log.info("results: %s", run_dir / RESULTS_FILE)
+        log.info("%s", run_summary(record, run_dir / RESULTS_FILE))  # the last lines of every run
     return record
 
 

@@ -1,30 +1,19 @@
-"""The classification LightningModule. Any task module follows the same protocol, which the callbacks rely on:
-
-- ``self.model``: the ``nn.Module`` being trained (what ``repablate.nn.reparameterize`` is applied to);
-- ``evaluate(model, dataloader) -> dict[str, float]``: metrics of any form of the model, in eval mode;
-- ``example_input(batch_size=1) -> Tensor``: an input of the right shape for equivalence checks and benchmarks.
-"""
+"""The classification LightningModule (``task=classify``), a ``repablate.train.task.TaskModule``:
+``evaluate(model, dataloader) -> {"acc"}``, top-1 accuracy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from repablate.train.schedules import configure_optimization
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-SchedulerFactory = Callable[..., LRScheduler]
+from repablate.train.task import OptimizerFactory, SchedulerFactory, TaskModule
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(TaskModule):
     """Cross-entropy training with top-1 accuracy (torchmetrics for validation and test). Logs ``train/loss``,
     ``train/loss_epoch``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best`` and ``test/acc``.
 
@@ -46,20 +35,10 @@ class ClassificationModule(pl.LightningModule):
         image_size: int = 32,
         lr_scale: float = 1.0,
     ):
-        super().__init__()
-        if not lr_scale > 0:
-            raise ValueError(f"lr_scale={lr_scale!r} is not allowed: it must be a positive number")
-        self.model = model
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
-        self.lr_scale = lr_scale
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        super().__init__(model, optimizer, scheduler, num_classes, in_channels, image_size, lr_scale)
+        self.val_acc, self.test_acc = self.new_metric(), self.new_metric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -104,23 +83,21 @@ class ClassificationModule(pl.LightningModule):
         self.test_acc(self.model(x), y)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, dataloader: Iterable) -> dict[str, float]:
-        """Top-1 accuracy of ``model`` (either form) over ``dataloader``, in eval mode (its mode is restored)."""
-        was_training = model.training
-        model.eval()
-        accuracy = MulticlassAccuracy(self.num_classes, average="micro").to(self.device)
-        try:
-            for x, y in dataloader:
-                accuracy.update(model(x.to(self.device)), y.to(self.device))
-        finally:
-            model.train(was_training)
-        return {"acc": accuracy.compute().item()}
+    def new_metric(self) -> MulticlassAccuracy:
+        return MulticlassAccuracy(self.num_classes, average="micro")
+
+    def update_metric(self, metric: MulticlassAccuracy, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        metric.update(outputs, targets)
+
+    def metric_results(self, metric: MulticlassAccuracy) -> dict[str, float]:
+        """Top-1 accuracy: ``{"acc": ...}``."""
+        return {"acc": metric.compute().item()}
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A random batch of images of the data's shape, on the module's device."""
         return torch.randn(batch_size, self.in_channels, self.image_size, self.image_size, device=self.device)
 
     def configure_optimizers(self):
-        return configure_optimization(self, self.parameters(), self.optimizer_factory, self.scheduler_factory,
-                                      self.lr_scale)
+        return configure_optimization(
+            self, self.parameters(), self.optimizer_factory, self.scheduler_factory, self.lr_scale
+        )

@@ -40,9 +40,18 @@ class YoloLoss:
     detached ``box``, ``obj`` and ``cls`` losses before that scaling.
     """
 
-    def __init__(self, anchors: torch.Tensor, strides: Sequence[float] | torch.Tensor, num_classes: int,
-                 image_size: int = 640, box: float = 0.05, obj: float = 1.0, cls: float = 0.5,
-                 anchor_t: float = 4.0, balance: Sequence[float] = (4.0, 1.0, 0.4)):
+    def __init__(
+        self,
+        anchors: torch.Tensor,
+        strides: Sequence[float] | torch.Tensor,
+        num_classes: int,
+        image_size: int = 640,
+        box: float = 0.05,
+        obj: float = 1.0,
+        cls: float = 0.5,
+        anchor_t: float = 4.0,
+        balance: Sequence[float] = (4.0, 1.0, 0.4),
+    ):
         levels = anchors.shape[0]
         if len(balance) != levels:
             raise ValueError(f"balance={list(balance)} must give one weight per level ({levels})")
@@ -70,8 +79,9 @@ class YoloLoss:
         inverse = torch.tensor([nx, ny], device=xy.device) - xy
         near_low = (xy % 1 < 0.5) & (xy > 1)
         near_high = (inverse % 1 < 0.5) & (inverse > 1)
-        use = torch.stack((torch.ones_like(near_low[:, 0]), near_low[:, 0], near_low[:, 1],
-                           near_high[:, 0], near_high[:, 1]))  # (5, matches)
+        use = torch.stack(
+            (torch.ones_like(near_low[:, 0]), near_low[:, 0], near_low[:, 1], near_high[:, 0], near_high[:, 1])
+        )  # (5, matches)
         offsets = _OFFSETS.to(xy.device)[:, None].expand(-1, len(xy), -1)[use] * 0.5
         t, a, xy = t.repeat(5, 1, 1)[use], a.repeat(5, 1)[use], xy.repeat(5, 1, 1)[use]
         cell = (xy - offsets).long()
@@ -104,7 +114,8 @@ class YoloLoss:
                 if self.num_classes > 1:
                     one_hot = F.one_hot(classes, self.num_classes).float()
                     cls_loss = cls_loss + F.binary_cross_entropy_with_logits(matched[:, 5:], one_hot)
-            obj_loss = obj_loss + F.binary_cross_entropy_with_logits(prediction[..., 4], objectness) * self.balance[level]
+            level_obj = F.binary_cross_entropy_with_logits(prediction[..., 4], objectness)
+            obj_loss = obj_loss + level_obj * self.balance[level]
         parts = {"box": box_loss * self.box_gain, "obj": obj_loss * self.obj_gain, "cls": cls_loss * self.cls_gain}
         total = sum(parts.values()) * raw[0].shape[0]
         return total, {name: value.detach() for name, value in parts.items()}
