@@ -40,8 +40,9 @@ MISSING, INVALID = "missing", "invalid"
 STATUSES = (*RUN_STATUSES, MISSING, INVALID)
 
 # The fields that describe the run itself; besides them results.json holds the figures (train_form/..., deploy_form/...,
-# ratio/..., equivalence/..., grad/..., the last logged metrics) and the resolved config under CONFIG_PREFIX. A run
-# that stops before training has no epochs, global_step or device yet.
+# ratio/..., equivalence/..., grad/..., the last logged metrics), the option chosen in every config group under
+# CHOICE_PREFIX and the resolved config under CONFIG_PREFIX. A run that stops before training has no epochs,
+# global_step or device yet.
 RUN_FIELDS = (
     "status",
     "error",
@@ -60,6 +61,11 @@ RUN_FIELDS = (
     "global_step",
 )
 CONFIG_PREFIX = "config/"
+# The option Hydra composed in each config group (its runtime choices, Hydra's own hydra/* groups left out):
+# choice/block, choice/init, choice/model, choice/data, choice/optimizer, choice/scheduler, choice/task,
+# choice/trainer, choice/callbacks, choice/logger, choice/paths, choice/variant (null without +variant), and
+# choice/sweep, choice/launcher, choice/experiment when chosen. What ran, by name, whatever the run is called.
+CHOICE_PREFIX = "choice/"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = CONFIG_PREFIX) -> dict[str, Any]:

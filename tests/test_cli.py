@@ -15,7 +15,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# Every results.json field the README documents (plus config/<key> for the whole resolved config).
+# Every results.json field docs/RUNS.md documents (plus config/<key> for the whole resolved config).
 FIELDS = [
     "status",
     "error",
@@ -72,6 +72,17 @@ FIELDS = [
     "config/optimizer.lr",
     "config/model._target_",
     "config/block._target_",
+    "choice/variant",
+    "choice/block",
+    "choice/init",
+    "choice/model",
+    "choice/data",
+    "choice/optimizer",
+    "choice/scheduler",
+    "choice/task",
+    "choice/trainer",
+    "choice/callbacks",
+    "choice/logger",
 ]
 
 
@@ -99,6 +110,7 @@ def test_main_job_writes_the_documented_run_directory(tmp_path):
     assert [field for field in FIELDS if field not in record] == []
     assert record["status"] == "completed" and record["run_dir"] == str(run_dir.resolve())
     assert record["epochs"] == 2 and record["task"] == "classify" and record["device"] == "cpu"
+    assert record["choice/variant"] == record["variant"] == "repconv" and record["choice/block"] == "repconv"
     assert record["deploy_form/val/acc"] == record["train_form/val/acc"] > 0.5
     assert record["deploy_form/test/acc"] == record["train_form/test/acc"] == record["test/acc"]
     assert record["ratio/params"] > 1 and record["deploy_form/latency_ms"] > 0
@@ -257,3 +269,24 @@ def test_non_editable_install_finds_its_config(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "variant: plain" in result.stdout and "_target_: repablate.nn.Conv" in result.stdout
+
+
+@pytest.mark.slow
+def test_an_error_in_a_dataloader_worker_shows_its_own_message_and_logs_its_traceback(tmp_path):
+    result = repablate(
+        "+variant=plain",
+        "data._target_=tests.test_train.CorruptDataModule",
+        "data.batch_size=8",
+        "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "run failed: ValueError: sample 3 is unreadable (images/0003.png, line 2 of labels.txt)" in output
+    assert "Traceback" not in output and "Caught ValueError" not in output  # the console: one line
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")
+    assert json.loads((run_dir / "results.json").read_text())["error"].startswith("ValueError: sample 3 is unreadable")
+    log = (run_dir / "main.log").read_text()
+    assert "in DataLoader worker process 0 raised it; the traceback there:\nTraceback" in log
+    assert 'raise ValueError("sample 3 is unreadable' in log

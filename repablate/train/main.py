@@ -9,15 +9,18 @@ How a run ends when it does not complete (status, exit code, files kept): docs/F
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import re
 import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 import repablate
 from repablate.paths import conf_dir
 from repablate.results import (
+    CHOICE_PREFIX,
     COMPLETED,
     DIVERGED,
     FAILED,
@@ -45,6 +49,9 @@ from repablate.results import (
 from repablate.train.console import quiet_console, quiet_wandb, run_summary
 
 log = logging.getLogger(__name__)
+# Tracebacks of failed runs: main.log only (conf/hydra/default.yaml routes this logger to the file), the console
+# keeps its one line per error.
+traceback_log = logging.getLogger(f"{__name__}.traceback")
 
 DATA_SHAPE_KEYS = ("num_classes", "in_channels", "image_size")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which seed_everything enforces
@@ -183,6 +190,159 @@ def check_sweep_dir_is_new(sweep_dir: Path) -> None:
         )
 
 
+# --- a run is named by what it trains -------------------------------------------------------------------------------
+
+
+class VariantContradiction(ConfigError):
+    """The composition contradicts its variant: the run would be recorded under a name it does not train."""
+
+
+@dataclass
+class VariantPins:
+    """What ``+variant=NAME`` fixes, read from conf/variant/NAME.yaml itself: the option of each group its defaults
+    list overrides (``groups``), and every value it sets, those options' contents included (``values``, dotted keys
+    as ``flatten`` writes them). ``nodes`` maps each pinned group to the config node its option fills."""
+
+    groups: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, str] = field(default_factory=dict)
+
+
+def _config_repository(hydra_cfg: DictConfig):
+    """Hydra's repository of the run's config sources (conf/, and any a user added), for reading option files."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+
+    search_path = ConfigSearchPathImpl()
+    for source in hydra_cfg.runtime.config_sources:
+        search_path.append(source.provider, f"{source.schema}://{source.path}")
+    return ConfigRepository(search_path)
+
+
+def _leaves(node: Any, package: str) -> dict[str, Any]:
+    """An option file's keys as dotted leaves where they land in the composed config (``package``)."""
+    values = flatten(OmegaConf.to_container(node, resolve=False), prefix="")
+    return {f"{package}.{key}" if package else key: value for key, value in values.items()}
+
+
+def _package(header: Mapping[str, Any], group: str) -> str:
+    package = header.get("package")
+    if package == "_global_":
+        return ""
+    return group.replace("/", ".") if package in (None, "_group_") else package
+
+
+def variant_pins(name: str, repository) -> VariantPins:
+    """What conf/variant/``name``.yaml pins (``VariantPins``), read through Hydra's config ``repository``."""
+    from hydra.core.default_element import GroupDefault
+
+    variant = repository.load_config(f"variant/{name}")
+    pins = VariantPins()
+    for default in variant.defaults_list or []:
+        if not isinstance(default, GroupDefault) or not isinstance(default.value, str):
+            continue
+        group = default.group[1:] if default.group.startswith("/") else f"variant/{default.group}"
+        option = repository.load_config(f"{group}/{default.value}")
+        pins.groups[group] = default.value
+        pins.nodes[group] = _package(option.header, group)
+        pins.values.update(_leaves(option.config, pins.nodes[group]))
+    pins.values.update(_leaves(variant.config, _package(variant.header, "variant")))
+    return pins
+
+
+def _as_override(key: str, value: Any) -> str:
+    """``key=value`` as one would type it on the command line."""
+    text = json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+    return f"{key}={text}"
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _conflicts(
+    pins: VariantPins, choices: Mapping[str, Any], actual: Mapping[str, Any], skip: str = ""
+) -> list[tuple[str, str, str]]:
+    """``(key, what the variant sets, what was composed)`` for each pin that ``choices`` (Hydra's runtime choices)
+    and ``actual`` (the composed config's leaves) contradict; keys equal to ``skip`` are not compared."""
+    found = []
+    for group, option in pins.groups.items():
+        if choices.get(group) != option:
+            found.append((group, f"{group}={option}", _as_override(group, choices.get(group))))
+    contradicted = tuple(f"{pins.nodes[key]}." for key, _, _ in found if pins.nodes.get(key))
+    for key, value in pins.values.items():
+        if key == skip or key.startswith(contradicted):
+            continue
+        if key not in actual:
+            found.append((key, _as_override(key, value), f"~{key}"))
+        elif actual[key] != value:
+            found.append((key, _as_override(key, value), _as_override(key, actual[key])))
+    for group, node in pins.nodes.items():  # a key added to a pinned option changes that option too
+        if node and choices.get(group) == pins.groups[group]:
+            for key in actual:
+                if key.startswith(f"{node}.") and key not in pins.values:
+                    found.append((key, f"no {key}", _as_override(key, actual[key])))
+    return found
+
+
+def check_variant(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """``VariantContradiction`` (one message naming both sides) when the composition contradicts the variant that
+    names the run: a config group set to another option than the variant's (``+variant=plain block=repconv``), a
+    key of a pinned option changed (``block.use_1x1=false``), a value the variant sets changed (``lr_scale`` under
+    ``+variant=repconv_lr``), or a ``variant:`` set without ``+variant``. Keys no variant sets (``optimizer.lr``,
+    ``seed``, ...) stay free: results.json records them and the analysis keeps runs that differ in them apart.
+
+    ``hydra_cfg``: the run's Hydra node (``HydraConfig.get()``), for its runtime choices, command-line overrides
+    and config sources; conf/variant/NAME.yaml itself says what the variant pins (``variant_pins``).
+    """
+    choices = hydra_cfg.runtime.choices
+    name = choices.get("variant")
+    if name is None:
+        named = cfg.get("variant", "default")
+        if named != "default":
+            raise VariantContradiction(
+                f"variant={named} names the run {named}, but no +variant= chose that variant, so nothing says the "
+                f"run trains it: use +variant={named}, or leave variant out (the run is then named default)"
+            )
+        return
+    repository = _config_repository(hydra_cfg)
+    actual = flatten({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}, prefix="")
+    conflicts = _conflicts(variant_pins(name, repository), choices, actual)
+    if not conflicts:
+        return
+    given = [override.split("=", 1)[0].lstrip("~+") for override in hydra_cfg.overrides.task]
+    sources: dict[str, list[str]] = {}
+    for key, _, chosen in conflicts:
+        on_command_line = any(key == k or key.startswith(f"{k}.") for k in given)
+        sources.setdefault("the command line" if on_command_line else "the composition", []).append(chosen)
+    chose = _and([f"{source} chose {_and(items)}" for source, items in sources.items()])
+    others = [
+        f"+variant={other}"
+        for other in repository.get_group_options("variant")
+        if other != name and not _conflicts(variant_pins(other, repository), choices, actual, skip="variant")
+    ]
+    instead = f"use a variant it agrees with ({' or '.join(others)}), " if others else ""
+    raise VariantContradiction(
+        f"+variant={name} sets {_and([pinned for _, pinned, _ in conflicts])}, but {chose}: a run is named by its "
+        f"variant (results.json, wandb, the run directory), and this one would not train {name}. Drop the "
+        f"override, {instead}leave out +variant (the run is then named default), or add a variant to conf/variant/"
+    )
+
+
+def choice_fields(choices: Mapping[str, Any]) -> dict[str, Any]:
+    """results.json's ``choice/<group>``: the option Hydra composed in every config group (its runtime choices),
+    Hydra's own groups left out; ``choice/variant`` is null without ``+variant``."""
+    fields: dict[str, Any] = {f"{CHOICE_PREFIX}variant": None}
+    for group, option in choices.items():
+        if group != "hydra" and not group.startswith("hydra/"):
+            fields[CHOICE_PREFIX + group] = (
+                option
+                if option is None or isinstance(option, str)
+                else json.dumps(OmegaConf.to_container(option) if OmegaConf.is_config(option) else list(option))
+            )
+    return fields
+
+
 def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     """Every job of the sweep ``config`` starts, in launch order, as the override list Hydra's BasicSweeper gives
     it (and saves in the job's .hydra/overrides.yaml); None for other sweepers, whose jobs are not known ahead
@@ -204,24 +364,47 @@ def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
     return [list(job) for batch in batches for job in batch]
 
 
+def check_sweep_variants(config: DictConfig, jobs: list[list[str]]) -> None:
+    """``VariantContradiction`` if any job of the sweep ``config`` (its override lists, ``sweep_jobs``) contradicts
+    its variant (``check_variant``): each job is composed as the launcher will compose it."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    refused = []
+    for num, job in enumerate(jobs):
+        job_config = loader.load_sweep_config(config, job)
+        try:
+            check_variant(job_config, job_config.hydra)
+        except VariantContradiction as error:
+            refused.append((num, job, error))
+    if refused:
+        num, job, error = refused[0]
+        first = "it" if len(refused) == 1 else f"the first of {len(refused)} such jobs"
+        raise VariantContradiction(f"the sweep is refused, {first} is job {num} ({' '.join(job)}): {error}")
+
+
 class RunDirectoryGuard(HydraCallback):
     """Hydra callback (conf/hydra/default.yaml), called before Hydra writes anything into the output directory:
-    refuses a run or sweep directory that already holds one, and at a sweep's start writes ``sweep_jobs.json``
-    there, every job the sweep will run, so that the jobs a killed sweep never started are known."""
+    refuses a composition that contradicts its variant (``check_variant``; in a sweep, every job's), and a run or
+    sweep directory that already holds one, and at a sweep's start writes ``sweep_jobs.json`` there, every job the
+    sweep will run, so that the jobs a killed sweep never started are known."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_variant(config, config.hydra)
             check_run_dir_is_new(Path(config.hydra.run.dir))
-        except RunDirectoryInUse as error:
+        except ConfigError as error:
             raise SystemExit(str(error)) from None  # one line on stderr, exit status 1
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sweep_jobs(config)
         try:
             check_sweep_dir_is_new(sweep_dir)
-        except RunDirectoryInUse as error:
+            if jobs is not None:  # other sweepers' jobs are checked as they start (``run``)
+                check_sweep_variants(config, jobs)
+        except ConfigError as error:
             raise SystemExit(str(error)) from None
-        jobs = sweep_jobs(config)
         if jobs is None:
             log.info(
                 "%s not written: the sweeper %s does not know its jobs ahead",
@@ -247,6 +430,77 @@ def build_datamodule(data_cfg: DictConfig, data_shape: DictConfig):
     return datamodule
 
 
+# --- paired initialization: variants of one seed start alike where they have the same layers -------------------------
+
+# RepConv's dense branch is the plain Conv's conv (YOLOv7's attribute names rbr_dense.0 and conv): one layer of the
+# network, under one name, so both draw the same initial 3x3 kernel.
+PAIRED_NAMES = {"rbr_dense.0": "conv"}
+
+
+def paired_name(name: str) -> str:
+    """The name under which the layer ``name`` (a ``named_modules`` name) draws its initialization."""
+    for suffix, alias in PAIRED_NAMES.items():
+        if name == suffix or name.endswith(f".{suffix}"):
+            return name[: -len(suffix)] + alias
+    return name
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for the layer ``name`` of a run with ``seed``: independent of every other layer."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+@contextmanager
+def _record_layers_as_built(built: dict[int, dict[str, Any]]) -> Iterator[None]:
+    """While active, copies the parameters of each Conv2d and Linear as it joins its parent module: the default
+    init its constructor drew, before the model may change it (a detection head's bias prior)."""
+    from torch import nn
+    from torch.nn.modules.module import register_module_module_registration_hook
+
+    def record(parent, name: str, module) -> None:
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and id(module) not in built:
+            built[id(module)] = {key: p.detach().clone() for key, p in module.named_parameters(recurse=False)}
+
+    handle = register_module_module_registration_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def build_model(model_cfg: DictConfig, init_cfg: DictConfig, seed: int):
+    """Instantiate ``cfg.model`` and apply ``cfg.init``, paired across variants (docs/CONFIGURATION.md#paired-runs).
+
+    Every Conv2d and Linear draws PyTorch's default init again (``reset_parameters``) from a generator seeded by
+    (seed, its name; ``paired_name``), so the layers two variants share (stem, head, the 3x3 kernel of the plain
+    conv and of RepConv's dense branch) start identical for one seed, whatever else either variant builds. A
+    parameter the model changed after its constructor drew it is kept as the model set it. The init scheme then
+    draws from a generator seeded by the seed alone. All of it runs on a fork of torch's global generator, which
+    is left as ``seed_everything`` set it: building another model never shifts what is drawn later.
+    """
+    import torch
+
+    built: dict[int, dict[str, Any]] = {}
+    with torch.random.fork_rng(devices=[]):
+        with _record_layers_as_built(built):
+            model = instantiate(model_cfg)
+        for name, module in model.named_modules():
+            if id(module) not in built:
+                continue
+            parameters = dict(module.named_parameters(recurse=False))
+            kept = {
+                key: p.detach().clone() for key, p in parameters.items() if not torch.equal(p, built[id(module)][key])
+            }
+            torch.random.default_generator.manual_seed(layer_seed(seed, paired_name(name)))
+            module.reset_parameters()
+            with torch.no_grad():
+                for key, value in kept.items():
+                    parameters[key].copy_(value)
+        torch.random.default_generator.manual_seed(layer_seed(seed, "init"))
+        instantiate(init_cfg)(model)
+    return model
+
+
 def git_commit(directory: str | Path) -> str | None:
     """The commit checked out at ``directory``, with "-dirty" if tracked files changed; None outside git."""
     try:
@@ -263,6 +517,36 @@ def git_commit(directory: str | Path) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}-dirty" if dirty else commit
+
+
+WORKER_ERROR = re.compile(
+    r"Caught (?P<type>\w+) (?P<where>in DataLoader worker process \d+)\.\nOriginal (?P<traceback>Traceback .*)",
+    re.DOTALL,
+)
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """An error raised in a DataLoader worker: its type's name, its own message, where, and its traceback there."""
+
+    type_name: str
+    message: str
+    where: str
+    traceback: str
+
+
+def dataloader_worker_error(error: BaseException) -> WorkerError | None:
+    """The error a DataLoader worker raised, when ``error`` is torch's re-raise of it in the main process, whose
+    message is the worker's whole traceback ("Caught ValueError in DataLoader worker process 0. Original
+    Traceback ..."; a ``RuntimeError`` when the type cannot be rebuilt from one message); None otherwise."""
+    match = WORKER_ERROR.match(str(error))
+    if match is None:
+        return None
+    name, text = match["type"], match["traceback"].rstrip()
+    # The traceback ends on "<module.>Type: message" (the message may span lines); frames above it are indented.
+    lines = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}(?:: |$)", text, re.MULTILINE))
+    message = text[lines[-1].end() :].strip() if lines else text.splitlines()[-1]
+    return WorkerError(name, message, match["where"], text)
 
 
 def _device_name(device) -> str:
@@ -309,7 +593,8 @@ class Assembly:
 
 
 def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
-    """Seed, then instantiate data, model (initialized), task module, callbacks, loggers and Trainer from ``cfg``.
+    """Seed, then instantiate data, model (initialized, paired across variants: ``build_model``), task module,
+    callbacks, loggers and Trainer from ``cfg``.
 
     ``config`` (the resolved config as a plain dict) goes into every checkpoint and into deploy.pt.
     """
@@ -326,8 +611,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data, cfg.data_shape)
-    model = instantiate(cfg.model)
-    instantiate(cfg.init)(model)
+    model = build_model(cfg.model, cfg.init, cfg.seed)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     module = instantiate(cfg.task.module, model=model, optimizer=instantiate(cfg.optimizer), scheduler=scheduler)
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
@@ -358,14 +642,19 @@ def _as_interruption(error: BaseException) -> RunInterrupted | None:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, check, measure and record one run into ``run_dir``; returns the results record.
 
-    ``run_dir`` must not hold a run yet (``RunDirectoryInUse``, raised before anything is written). When the run
-    does not complete, results.json is still written and the error re-raised; its status is "diverged"
+    ``run_dir`` must not hold a run yet (``RunDirectoryInUse``), and the composition must not contradict its
+    variant (``VariantContradiction``, ``check_variant``; needs Hydra's config, ``HydraConfig``): both are raised
+    before anything is written. results.json records the option of every config group (``choice_fields``). When
+    the run does not complete, results.json is still written and the error re-raised; its status is "diverged"
     (``TrainingDiverged``, with ``diverged_at_step``), "interrupted" (SIGINT or SIGTERM; Lightning's
     SIGTERMException is re-raised as ``RunInterrupted``) or "failed" (anything else), see docs/FAILURE_MODES.md.
     """
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     try:
         check_run_dir_is_new(run_dir)
-    except RunDirectoryInUse as error:
+        if HydraConfig.initialized():
+            check_variant(cfg, HydraConfig.get())
+    except ConfigError as error:
         log.error("%s", error)
         raise
     from repablate.train.callbacks import TrainingDiverged
@@ -377,11 +666,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "diverged_at_step": None,
         "variant": cfg.get("variant"),
         "seed": cfg.get("seed"),
-        "task": HydraConfig.get().runtime.choices.get("task") if HydraConfig.initialized() else None,
+        "task": choices.get("task"),
         "run_dir": str(run_dir),
         "started_at": datetime.fromtimestamp(started, timezone.utc).isoformat(),
         "git_commit": git_commit(Path(repablate.__file__).parent),
     }
+    if choices:
+        record.update(choice_fields(choices))
     parts: Assembly | None = None
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
@@ -405,10 +696,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         elif interruption is not None:
             record["status"] = INTERRUPTED
         reported = interruption or error
-        record["error"] = f"{type(reported).__name__}: {reported}"
+        worker = dataloader_worker_error(reported)
+        if worker is not None:  # the worker's own error, not torch's wrapping of its traceback
+            record["error"] = f"{worker.type_name}: {worker.message}"
+        else:
+            record["error"] = f"{type(reported).__name__}: {reported}"
         last = run_dir / "checkpoints" / "last.ckpt"
         resume = f"; resume with ckpt_path={last}" if record["status"] != FAILED and last.is_file() else ""
         log.error("run %s: %s%s", record["status"], record["error"], resume)
+        if worker is not None:
+            traceback_log.error("%s raised it; the traceback there:\n%s", worker.where, worker.traceback)
+        elif record["status"] == FAILED and not isinstance(error, (ConfigError, FileNotFoundError)):
+            traceback_log.error("the traceback:", exc_info=error)
         if interruption is not None and interruption is not error and not isinstance(error, KeyboardInterrupt):
             raise interruption from error  # Lightning's SIGTERMException is a SystemExit with status 0
         raise
@@ -437,17 +736,19 @@ register_resolvers()
 def run_job(cfg: DictConfig) -> None:
     """Hydra's task: one run into the run directory Hydra created (conf/hydra/default.yaml).
 
-    A bad value or a diverged run, in a single run, ends the process with status 1 after the one logged line
-    naming it (no traceback); in a sweep it fails that job like any other error, and the sweep goes on.
+    A bad value, a diverged run or an error in a DataLoader worker, in a single run, ends the process with status 1
+    after the one logged line naming it (a worker's traceback goes to main.log); in a sweep it fails that job like
+    any other error, and the sweep goes on.
     """
     from repablate.train.callbacks import TrainingDiverged
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (ConfigError, FileNotFoundError, TrainingDiverged):
-        if HydraConfig.get().mode != RunMode.RUN:
+    except Exception as error:
+        expected = isinstance(error, (ConfigError, FileNotFoundError, TrainingDiverged))
+        if HydraConfig.get().mode != RunMode.RUN or not (expected or dataloader_worker_error(error)):
             raise
-        raise SystemExit(1) from None  # run() has logged the message
+        raise SystemExit(1) from None  # run() has logged the message (and a worker's traceback into main.log)
 
 
 def main() -> None:
