@@ -334,6 +334,12 @@ def test_table_values_equal_the_run_files(sweep):
             assert row["delta"] == pytest.approx(np.mean(values) - np.mean(base), abs=1e-12)
             if variant != "plain":
                 assert row["p_value"] == pytest.approx(sps.ttest_ind(values, base, equal_var=False).pvalue, rel=1e-9)
+                seed_order = [
+                    [r[metric] for r in sorted(records, key=lambda r: r["seed"]) if r["variant"] == v]
+                    for v in (variant, "plain")
+                ]  # the sweep runs seeds 0, 1, 2 for every variant
+                assert row["n_pairs"] == 3
+                assert row["p_paired"] == pytest.approx(sps.ttest_rel(*seed_order).pvalue, rel=1e-9)
 
 
 def test_table_groups_by_any_config_keys(sweep):

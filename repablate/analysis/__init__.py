@@ -1,7 +1,8 @@
 """repablate.analysis -- ablation tables and figures from results files; never imports training code.
 
 runs = collect_runs("multirun/article")            # or collect_wandb("entity/project", group="article")
-table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns
+table = ablation_table(runs, baseline="plain")      # rows by variant, (metric, statistic) columns; against
+                                                    # plain: Welch, paired by seed, Holm, Hedges' g, MDE
 print(to_markdown(table, runs))                     # runs left out (failed, diverged, ...) listed by status
 write_report(runs, "out/", baseline="plain")        # table.{md,tex,csv}, runs.csv, failures.csv, figures/
 """
@@ -22,11 +23,24 @@ from repablate.analysis.collect import (
 from repablate.analysis.figures import accuracy_vs_latency, branch_gradient_shares, forms_comparison, save_figure
 from repablate.analysis.pooling import BOOKKEEPING_KEYS, PoolingError, check_pooling, group_labels, is_bookkeeping
 from repablate.analysis.report import Report, sweep_settings, write_report
-from repablate.analysis.stats import Comparison, Summary, compare, summarize
+from repablate.analysis.stats import (
+    Comparison,
+    PairedComparison,
+    Summary,
+    compare,
+    compare_paired,
+    hedges_correction,
+    hedges_g,
+    holm,
+    minimum_detectable_effect,
+    pair_by_seed,
+    summarize,
+)
 from repablate.analysis.tables import (
     DEFAULT_METRICS,
     ablation_table,
     code_versions,
+    comparison_note,
     default_metrics,
     export_table,
     failures_markdown,
@@ -43,6 +57,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "STATUSES",
     "Comparison",
+    "PairedComparison",
     "PoolingError",
     "Report",
     "Summary",
@@ -54,6 +69,8 @@ __all__ = [
     "code_versions",
     "collect_wandb",
     "compare",
+    "compare_paired",
+    "comparison_note",
     "completed",
     "default_metrics",
     "export_table",
@@ -65,9 +82,14 @@ __all__ = [
     "format_table",
     "forms_comparison",
     "group_labels",
+    "hedges_correction",
+    "hedges_g",
+    "holm",
     "is_bookkeeping",
     "load_branch_gradients",
     "log_analysis",
+    "minimum_detectable_effect",
+    "pair_by_seed",
     "read_run",
     "resolve_column",
     "save_figure",

@@ -4,7 +4,9 @@ Reads every run under SWEEP_DIR (or a wandb project with --from-wandb), prints t
 left out of it by status (failed, diverged, interrupted, missing, invalid), and writes table.{md,tex,csv},
 runs.csv, failures.csv and figures/ into --out (default SWEEP_DIR/analysis). A row averages the seeds of one
 configuration: runs that differ in anything else are refused, naming the keys; group by them (--by) or pool them
-on purpose (--pool KEY, --pool-all).
+on purpose (--pool KEY, --pool-all). Against the baseline, each row gets Welch's t-test and, on the seeds it
+shares with the baseline, a paired t-test; the p of the row's test Holm-adjusted across the rows, Hedges' g, and
+the minimum detectable effect at 80% power.
 
 Exit status: 0 when the table was written, even if some jobs did not complete (they are listed, and counted in
 the last line); 2 when nothing was written: bad arguments, no runs, no completed run, an unknown column or
