@@ -3,8 +3,9 @@ repository's ``cfg/training/yolov7-tiny.yaml`` and its modules in ``models/commo
 
 Every stride-1 3x3 conv (16 inside the ELAN blocks, 3 before the detection head) is built by one factory,
 chosen by ``conv3x3``: ``"plain"`` (Conv + BN + LeakyReLU 0.1, the official layer and the plain-conv
-baseline), ``"repconv"`` (RepConv, same activation) or ``"repconv_n"`` (RepConv without identity branch), or
-a block factory such as the harness's ``block`` config (see ``conv3x3_factory``). Stride-2 and 1x1 convs stay
+baseline), ``"repconv"`` (RepConv, same activation), ``"repconv_n"`` (RepConv without identity branch),
+``"qarepconv"`` (QARepVGG's block), ``"quantrepconv"`` (RepConv trained for its int8 deployed conv), or a block
+factory such as the harness's ``block`` config (see ``conv3x3_factory``). Stride-2 and 1x1 convs stay
 official Convs. Everything, the detection head's implicit layers included, fuses through
 ``repablate.nn.reparameterize``.
 """
@@ -17,7 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from repablate.nn import Conv, RepConv
+from repablate.nn import Conv, QARepConv, QuantRepConv, RepConv
 
 # Pixels, (w, h) per anchor, 3 per level: P3/8, P4/16, P5/32 (the official anchors).
 ANCHORS: tuple[tuple[float, ...], ...] = (
@@ -26,7 +27,7 @@ ANCHORS: tuple[tuple[float, ...], ...] = (
     (116, 90, 156, 198, 373, 326),
 )
 STRIDES = (8, 16, 32)
-CONV3X3_CHOICES = ("plain", "repconv", "repconv_n")
+CONV3X3_CHOICES = ("plain", "repconv", "repconv_n", "qarepconv", "quantrepconv")
 
 # YOLOv7-tiny's conv settings: LeakyReLU(0.1), and the BN constants of YOLOv7's training code.
 _BN = {"bn_eps": 1e-3, "bn_momentum": 0.03}
@@ -56,6 +57,8 @@ def conv3x3_factory(conv3x3: str | Callable[..., nn.Module], deploy: bool = Fals
             "plain": partial(Conv, k=3),
             "repconv": partial(RepConv, k=3),
             "repconv_n": partial(RepConv, k=3, use_identity=False),
+            "qarepconv": partial(QARepConv, k=3),
+            "quantrepconv": partial(QuantRepConv, k=3),
         }
         if conv3x3 not in named:
             raise ValueError(f"conv3x3={conv3x3!r} is not allowed: use one of {list(CONV3X3_CHOICES)} or a callable")
@@ -213,7 +216,8 @@ class YOLOv7Tiny(nn.Module):
 
     Args:
         nc: number of classes.
-        conv3x3: "plain", "repconv", "repconv_n" or a ``block(c_in, c_out, s=1)`` factory.
+        conv3x3: "plain", "repconv", "repconv_n", "qarepconv", "quantrepconv" or a ``block(c_in, c_out, s=1)``
+            factory.
         deploy: build every block in its fused form, so that a deployed state_dict loads.
         in_channels: image channels.
         anchors: per level (w, h, w, h, ...) in pixels; the official anchors by default.

@@ -2,6 +2,7 @@
 
 from repablate.nn.blocks import Conv, RepConv, RepConvN, autopad, make_activation
 from repablate.nn.extensions import CrossRepConv, RepAttention, RepCrossModal, RepMobileBlock
+from repablate.nn.qarep import QARepConv, QuantRepConv
 from repablate.nn.reparam import (
     Equivalence,
     equivalence_error,
@@ -15,6 +16,8 @@ __all__ = [
     "Conv",
     "CrossRepConv",
     "Equivalence",
+    "QARepConv",
+    "QuantRepConv",
     "RepAttention",
     "RepConv",
     "RepConvN",

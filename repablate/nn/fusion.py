@@ -1,4 +1,5 @@
-"""Kernel algebra behind re-parameterization: BN folding, kernel padding, identity kernels.
+"""Kernel algebra behind re-parameterization: BN folding, kernel padding, identity kernels, and the symmetric
+per-channel fake quantization of a fused kernel (QuantRepConv).
 
 Every function here is pure (tensors in, tensors out) so that each step of a fusion can be tested on its own.
 The equations are written out in docs/REPARAM.md.
@@ -71,3 +72,39 @@ def identity_kernel(
     index = torch.arange(channels, device=device)
     kernel[index, index % per_group, k // 2, k // 2] = 1
     return kernel
+
+
+def quantization_max(bits: int) -> int:
+    """The largest integer of symmetric signed ``bits``-bit quantization: q_max = 2^(bits-1) - 1 (127 for int8), so
+    that q lies in [-q_max, q_max] and 0 is exact. Raises ValueError outside 2..16 bits."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} is not allowed: symmetric quantization needs an integer from 2 to 16")
+    return 2 ** (bits - 1) - 1
+
+
+def symmetric_scale(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Per-output-channel scale of symmetric signed quantization to ``bits`` bits (no zero point).
+
+    With q_max = 2^(bits-1) - 1 (127 for int8):  s_c = max_j |W[c, j]| / q_max,  and s_c = 1 where channel c is all
+    zero (ONNX Runtime's rule for an empty range). W[c] / s_c then spans [-q_max, q_max], the symmetric int8 range
+    ONNX Runtime's static quantization uses for weights (per_channel=True, symmetric weights). Returns shape (C,) in
+    the dtype of ``weight``, detached: the scale is an observed statistic and carries no gradient (as PyTorch's
+    observers).
+    """
+    q_max = quantization_max(bits)
+    absmax = weight.detach().abs().flatten(1).amax(1)
+    return torch.where(absmax > 0, absmax / q_max, torch.ones_like(absmax))
+
+
+def fake_quantize_per_channel(weight: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric per-output-channel fake quantization with a straight-through gradient.
+
+    Q(W)[c] = s_c * clamp(round(W[c] / s_c), -q_max, q_max) with s = ``symmetric_scale(W, bits)``; round is to
+    nearest, ties to even (as torch.round, numpy and ONNX Runtime round). The forward value is exactly that product
+    (W / s is integral up to its rounding in the dtype); the gradient is the straight-through estimator
+    dQ/dW = 1 (Bengio et al. 2013, as in Jacob et al. 2018): the clamp never binds, since |W[c] / s_c| <= q_max.
+    """
+    q_max = quantization_max(bits)
+    scale = symmetric_scale(weight, bits).reshape(-1, *([1] * (weight.dim() - 1)))
+    quantized = torch.clamp(torch.round(weight.detach() / scale), -q_max, q_max) * scale
+    return quantized + (weight - weight.detach())  # value: exactly `quantized` (w - w is 0); gradient: 1
