@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from repablate.nn import load_state_dict
-from repablate.train.main import ConfigError, assemble, run
+from repablate.train.main import assemble, run
+from repablate.train.validation import ConfigError
 
 VARIANTS = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "variant").glob("*.yaml"))
 QUICK = ["logger=csv", "+callbacks.deploy_check.bench.latency=false", "callbacks.progress_bar.refresh_rate=0"]
@@ -38,7 +39,13 @@ def test_fast_dev_run_of_every_variant(variant, compose_config, tmp_path):
     assert 0 <= record["equivalence/max_rel"] <= 1e-4
     assert record["deploy_form/params"] <= record["train_form/params"]
     assert record["config/variant"] == variant and record["config/optimizer.lr"] == cfg.optimizer.lr
-    blocks = {"plain": "plain", "repconv_n": "repconv_n", "repconv_no1x1": "repconv_no1x1"}
+    blocks = {
+        "plain": "plain",
+        "repconv_n": "repconv_n",
+        "repconv_no1x1": "repconv_no1x1",
+        "qarepconv": "qarepconv",
+        "quantrepconv": "quantrepconv",
+    }
     assert record["choice/variant"] == variant and record["choice/block"] == blocks.get(variant, "repconv")
     assert record["choice/trainer"] == "debug" and record["choice/task"] == record["task"] == "classify"
 
@@ -337,7 +344,7 @@ def test_a_worker_error_is_read_back_from_torchs_reraise(error, expected):
 
     from torch._utils import ExceptionWrapper
 
-    from repablate.train.main import dataloader_worker_error
+    from repablate.train.failures import dataloader_worker_error
 
     try:
         raise error
