@@ -17,7 +17,9 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from repablate.nn import Conv, RepConv
-from repablate.train.main import ConfigError, assemble, conf_dir, register_resolvers, sweep_jobs, validate
+from repablate.train.hydra_callbacks import sweep_jobs
+from repablate.train.main import assemble, conf_dir, register_resolvers
+from repablate.train.validation import ConfigError, validate
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = conf_dir()

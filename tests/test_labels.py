@@ -13,16 +13,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from repablate.train.main import (
-    VariantContradiction,
-    check_sweep_variants,
-    check_variant,
-    choice_fields,
-    conf_dir,
-    register_resolvers,
-    run,
-    sweep_jobs,
-)
+from repablate.train.hydra_callbacks import check_sweep_variants, sweep_jobs
+from repablate.train.main import conf_dir, register_resolvers, run
+from repablate.train.variants import VariantContradiction, check_variant, choice_fields
 from tests.test_cli import repablate
 
 CONF = conf_dir()
