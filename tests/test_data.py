@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from sklearn.datasets import load_digits
+from torchvision import datasets
 
 from repablate.data import (
     CIFARDataModule,
@@ -23,6 +24,7 @@ from repablate.data import (
     batch_loader,
     render_shapes,
 )
+from repablate.data.check import DatasetCheckError
 from repablate.data.vision import channel_stats, random_crop_flip
 
 
@@ -282,6 +284,91 @@ def test_imagefolder_with_train_and_val_folders(tmp_path):
     write_pngs(tmp_path / "test", classes=("cat", "dog"), per_class=1)
     with pytest.raises(ValueError, match="differ from train"):
         ImageFolderDataModule(str(tmp_path), image_size=8).setup()
+
+
+def test_imagefolder_uses_a_valid_folder_as_given(tmp_path):
+    tmp_path = tmp_path / "images"
+    write_pngs(tmp_path / "train")
+    write_pngs(tmp_path / "valid", per_class=2, start=100)  # Roboflow's and YOLO's name for it
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, test_fraction=0.2)
+    assert sorted(image_ids(data.split("val"))) == [100, 101, 102, 103, 104, 105]
+    write_pngs(tmp_path / "val", per_class=1)
+    with pytest.raises(ValueError, match=r"both val/ and valid/"):
+        ImageFolderDataModule(str(tmp_path), image_size=8)
+
+
+def test_imagefolder_ignores_hidden_and_system_folders_and_files(tmp_path):
+    tmp_path = tmp_path / "images"
+    write_pngs(tmp_path, classes=("cat", "dog"), per_class=5)
+    write_pngs(tmp_path / "__MACOSX", classes=("cat",), per_class=2)  # macOS archive metadata
+    write_pngs(tmp_path / ".ipynb_checkpoints", classes=("cat",), per_class=1)
+    (tmp_path / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # would crash a decoder
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"\x00")
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.2)
+    assert data.classes == ["cat", "dog"] and data.num_classes == 2
+    data.setup()
+    assert sum(len(data.split(name)) for name in ("train", "val", "test")) == 10
+    assert data.check_data().report["splits"]["train"]["skipped"] == {"hidden": 4}
+
+
+def _truncated_jpeg(path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+
+
+def test_imagefolder_names_every_unreadable_file_before_training_or_drops_it(tmp_path):
+    root = tmp_path / "images"
+    write_pngs(root, classes=("cat", "dog"), per_class=5)
+    _truncated_jpeg(root / "dog" / "broken.jpg")
+    (root / "cat" / "empty.png").write_bytes(b"")
+    data = ImageFolderDataModule(str(root), image_size=8, report_path=str(tmp_path / "report.json"))
+    with pytest.raises(DatasetCheckError) as error:
+        data.prepare_data()
+    message = str(error.value)
+    assert "dog/broken.jpg: unreadable: OSError: image file is truncated" in message
+    assert "cat/empty.png: unreadable:" in message and "data.check.policy.unreadable=warn-and-drop" in message
+    assert str(tmp_path / "report.json") in message
+    dropping = ImageFolderDataModule(
+        str(root), image_size=8, val_fraction=0.2, test_fraction=0.2, check={"policy": {"unreadable": "warn-and-drop"}}
+    )
+    dropping.setup()
+    assert sum(len(dropping.split(name)) for name in ("train", "val", "test")) == 10
+    assert dropping.check_data().report["splits"]["train"]["dropped"] == 2
+
+
+def test_imagefolder_scales_16_bit_pngs(tmp_path):
+    tmp_path = tmp_path / "images"  # a folder of our own: fixtures put files into tmp_path
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(parents=True)
+        values = np.full((8, 8), 257 * (50 if name == "a" else 200), dtype=np.uint16)
+        Image.fromarray(values).save(tmp_path / name / "0.png")  # mode I;16
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0, test_fraction=0, augment=False)
+    assert sorted(image_ids(data.split("train"))) == [50, 200]  # not 255, 255: clipped
+
+
+def _fake_cifar(root, name="cifar10", corrupt=False, drop=()):
+    dataset_class = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    folder = root / dataset_class.base_folder
+    folder.mkdir(parents=True)
+    files = [*dataset_class.train_list, *dataset_class.test_list, [dataset_class.meta["filename"], None]]
+    for file, _ in files:
+        if file not in drop:
+            (folder / file).write_bytes(b"half a download" if corrupt else b"")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_checksum_mismatch_is_told_apart_from_missing_files(tmp_path, name):
+    folder = _fake_cifar(tmp_path / "a", name, corrupt=True)
+    data = CIFARDataModule(str(tmp_path / "a"), name=name)
+    with pytest.raises(DatasetCheckError, match=r"is corrupt: .* fail torchvision's MD5 checksum") as error:
+        data.setup()
+    assert f"delete the folder {str(folder)!r} and set data.download=true" in str(error.value)
+    assert "not found" not in str(error.value)
+    _fake_cifar(tmp_path / "b", name, drop=("test_batch", "test"))
+    with pytest.raises(FileNotFoundError, match=r"not found .* lacks \['test"):
+        CIFARDataModule(str(tmp_path / "b"), name=name).setup()
 
 
 # --- batch transforms ---------------------------------------------------------------------------------------

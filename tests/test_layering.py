@@ -1,5 +1,6 @@
 """Imports run only downward (docs/ARCHITECTURE.md). Library modules are checked; command-line entry points
-(``__main__.py``), which assemble layers, may also look sideways. ``repablate.results``, the schema of the files
+(``__main__.py``, the command-line functions of ``repablate/export.py``), which assemble layers, may also look
+sideways. ``repablate.results``, the schema of the files
 a run writes, is below everything: the standard library only."""
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "repablate"
 
 # layer -> the repablate layers its library modules may import (besides itself)
+# repablate.results (the files a run writes) and repablate.paths (where conf/ is) import the standard library only,
+# so every layer above the ground floor may use them.
+FOUNDATION = {"paths", "results"}
 ALLOWED = {
     "nn": set(),
-    "models": {"nn"},
-    "data": set(),
-    "bench": {"nn"},
-    "train": {"nn", "models", "data", "bench", "paths", "results"},
-    "analysis": {"results"},
+    "models": {"nn"} | FOUNDATION,
+    "data": FOUNDATION,
+    "bench": {"nn"} | FOUNDATION,
+    "train": {"nn", "models", "data", "bench"} | FOUNDATION,
+    "analysis": FOUNDATION,
 }
 
 
@@ -41,6 +45,34 @@ def test_imports_run_only_downward(layer):
             continue
         upward = repablate_imports(path) - ALLOWED[layer] - {layer}
         assert not upward, f"{path.relative_to(PACKAGE.parent)} imports repablate.{sorted(upward)}"
+
+
+# repablate/export.py: the export library stands on these; its command line (these functions) may look sideways.
+EXPORT_ALLOWED = {"nn", "bench", "results"}
+EXPORT_CLI_FUNCTIONS = {"main", "load_deployed"}
+
+
+def test_export_stands_on_nn_bench_and_results_and_only_its_cli_looks_sideways():
+    path = PACKAGE / "export.py"
+    tree = ast.parse(path.read_text())
+    sideways = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in EXPORT_CLI_FUNCTIONS:
+            continue
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.ImportFrom) and inner.module and inner.module.startswith("repablate."):
+                sideways.add(inner.module.split(".")[1])
+            elif isinstance(inner, ast.Import):
+                sideways |= {alias.name.split(".")[1] for alias in inner.names if alias.name.startswith("repablate.")}
+    assert sideways <= EXPORT_ALLOWED, f"repablate/export.py imports repablate.{sorted(sideways - EXPORT_ALLOWED)}"
+    assert repablate_imports(path) - EXPORT_ALLOWED <= {"inspect"}  # the CLI reads checkpoints through inspect
+
+
+def test_bench_never_imports_export():
+    """The bench CLI may export (it looks sideways); the bench library takes ONNX graphs, never repablate.export."""
+    for path in sorted((PACKAGE / "bench").glob("*.py")):
+        if path.name != "__main__.py":
+            assert "export" not in repablate_imports(path), f"{path.relative_to(PACKAGE.parent)} imports export"
 
 
 def _top_level_imports(path: Path) -> set[str]:

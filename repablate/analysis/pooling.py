@@ -33,6 +33,7 @@ BOOKKEEPING_KEYS: dict[str, str] = {
     "logger.*": "loggers record a run and never change it: names and groups (from variant and seed), save "
     "directories, online or offline, or no wandb logger at all",
     "data.cache_dir": "where generated data is cached on this machine",
+    "data.report_path": "the dataset check's report, a file inside the run directory",
     "hydra.*": "Hydra's own settings: output directories, job number, launcher",
     "analysis.*": "how the analysis tabulates the sweep, not how a run trains",
 }

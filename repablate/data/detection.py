@@ -1,9 +1,11 @@
-"""Detection data in YOLO format: a data YAML naming train/val image folders and class names, one
-``cls cx cy w h`` line per object (normalized to the image) in ``labels/.../<image>.txt`` beside ``images/...``.
+"""Detection data in YOLO format: a data YAML naming the train/val/test images and the class names, and one
+``cls cx cy w h`` line per object (normalized to the image) in a label file found by the images -> labels rule.
 
-``YoloDataModule`` reads any such dataset from a local path; ``ShapesDetectDataModule`` first writes one, the
-embedded default: synthetic shapes (classes by shape and colour, varied sizes, some overlap), generated
-deterministically from a seed and cached on first use, so nothing is downloaded.
+``YoloDataModule`` reads any such dataset from a local path, following the data YAML conventions of YOLOv7 and
+Ultralytics (``read_data_yaml``); ``ShapesDetectDataModule`` first writes one, the embedded default: synthetic
+shapes (classes by shape and colour, varied sizes, some overlap), generated deterministically from a seed and
+cached on first use, so nothing is downloaded. Both run the dataset check (repablate.data.check) before
+training and serve the labels it verified.
 Batches are ``(images, targets)``: images (B, 3, S, S) in [0, 1], letterboxed to S; targets (N, 6) rows of
 ``batch_index, class, cx, cy, w, h`` in pixels of the letterboxed image.
 """
@@ -15,7 +17,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,66 +31,173 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from repablate.data.check import (
+    CheckedSplit,
+    CheckResult,
+    CheckSettings,
+    Entry,
+    check_dataset,
+    default_cache_dir,
+    log_result,
+)
+from repablate.data.images import is_image, open_image, walk_files
+
 PAD_VALUE = 114  # YOLO's grey letterbox border
+SPLITS = ("train", "val", "test")
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 230), "green": (40, 190, 60)}
 
 
-def default_cache_dir() -> Path:
-    """``$REPABLATE_CACHE`` if set, else ``~/.cache/repablate``."""
-    return Path(os.environ.get("REPABLATE_CACHE", Path.home() / ".cache" / "repablate")).expanduser()
+def _existing(candidates: list[Path]) -> Path | None:
+    return next((Path(os.path.normpath(path)) for path in candidates if path.exists()), None)
 
 
-def read_data_yaml(path: str | Path) -> dict:
-    """Parse a YOLO data YAML into ``{"train": Path, "val": Path, "names": [str, ...]}``.
+def read_data_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YOLO data YAML into ``{"root": Path, "train": [Path, ...], "val": [...], "test": [...], "names":
+    [str, ...]}``, the conventions of YOLOv7 and Ultralytics:
 
-    ``train``/``val`` are image folders, relative to ``path:`` in the file if given, else to the YAML's folder;
-    ``names`` is a list or an index -> name mapping.
+    - ``path:`` the dataset root, absolute or relative to the YAML's folder (else, if only that exists, to the
+      working directory, Ultralytics' reading); without it, the YAML's folder (Ultralytics).
+    - ``train``, ``val`` (required), ``test`` (optional): an image folder, a ``.txt`` list of image paths, or a
+      list of these; relative to the root, else, if only that exists, to the working directory (as YOLOv7's
+      ``./coco/train2017.txt`` is read).
+    - ``names``: a list, or an index -> name mapping; or only ``nc`` (names become ``class0``, ...); both must agree.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data yaml {str(path)!r} does not exist: give the path of a YOLO data YAML")
-    spec = yaml.safe_load(path.read_text()) or {}
-    missing = [key for key in ("train", "val", "names") if key not in spec]
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"data yaml {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(spec, dict):
+        raise ValueError(f"data yaml {str(path)!r} is not a mapping of keys (train, val, names, ...)")
+    missing = [key for key in ("train", "val") if not spec.get(key)]
+    if "names" not in spec and "nc" not in spec:
+        missing.append("names")
     if missing:
-        raise ValueError(f"data yaml {str(path)!r} lacks {missing}: it needs train, val (image folders) and names")
-    root = (path.parent / spec.get("path", ".")).resolve()
-    names = spec["names"]
-    if isinstance(names, dict):
-        names = [names[i] for i in sorted(names)]
-    return {"train": root / spec["train"], "val": root / spec["val"], "names": [str(n) for n in names]}
-
-
-def label_path(image: Path) -> Path:
-    """YOLO's convention: the last ``images`` folder in the path becomes ``labels``, the suffix ``.txt``."""
-    parts = list(image.parts)
-    index = len(parts) - 1 - parts[::-1].index("images")
-    parts[index] = "labels"
-    return Path(*parts).with_suffix(".txt")
-
-
-def read_labels(path: Path, num_classes: int) -> np.ndarray:
-    """(n, 5) float array of ``cls cx cy w h`` (normalized); empty when the file does not exist."""
-    if not path.exists():
-        return np.zeros((0, 5), dtype=np.float32)
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        values = line.split()
-        try:
-            row = [float(v) for v in values]
-        except ValueError:
-            row = []
-        if len(row) != 5 or not 0 <= row[0] < num_classes or row[0] != int(row[0]) or min(row[1:]) < 0:
+        raise ValueError(f"data yaml {str(path)!r} lacks {missing}: it needs train, val (images) and names")
+    folder = path.parent.absolute()
+    root = folder
+    if spec.get("path"):
+        given = Path(str(spec["path"])).expanduser()
+        root = given if given.is_absolute() else (_existing([folder / given, Path.cwd() / given]) or folder / given)
+    result: dict[str, Any] = {"root": Path(os.path.normpath(root)), "names": _names(spec, path)}
+    for split in SPLITS:
+        value = spec.get(split) or []
+        entries = value if isinstance(value, list) else [value]
+        if not all(isinstance(entry, str) for entry in entries):
             raise ValueError(
-                f"{path}:{number}: {line!r} is not a label: expected 'cls cx cy w h' with an integer class in "
-                f"[0, {num_classes}) and non-negative normalized box values"
+                f"data yaml {str(path)!r}: {split}={value!r} is not allowed: give an image folder, a .txt list of "
+                "image paths, or a list of these"
             )
-        rows.append(row)
-    return np.asarray(rows, dtype=np.float32).reshape(-1, 5)
+        result[split] = [_resolve(entry, result["root"], split, path) for entry in entries]
+    return result
+
+
+def _names(spec: Mapping[str, Any], path: Path) -> list[str]:
+    names = spec.get("names")
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise ValueError(f"data yaml {str(path)!r}: the keys of names must be 0 to {len(names) - 1}")
+        names = [names[i] for i in range(len(names))]
+    elif names is None:
+        names = [f"class{i}" for i in range(int(spec["nc"]))]
+    elif not isinstance(names, list):
+        raise ValueError(f"data yaml {str(path)!r}: names must be a list or an index -> name mapping")
+    if "nc" in spec and spec["nc"] != len(names):
+        raise ValueError(f"data yaml {str(path)!r}: nc={spec['nc']} but names lists {len(names)} classes")
+    return [str(name) for name in names]
+
+
+def _resolve(entry: str, root: Path, split: str, data_yaml: Path) -> Path:
+    given = Path(entry).expanduser()
+    candidates = [given] if given.is_absolute() else [root / given, Path.cwd() / given]
+    found = _existing(candidates)
+    if found is None:
+        raise FileNotFoundError(
+            f"data yaml {str(data_yaml)!r}: {split}={entry!r} does not exist (looked for "
+            f"{' and '.join(repr(str(c)) for c in candidates)}); give an image folder or a .txt list of images"
+        )
+    return found
+
+
+IMAGES, LABELS = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+
+
+def label_file(image: str) -> str | None:
+    """YOLO's images -> labels rule as Ultralytics applies it: the last ``images`` folder of the path becomes
+    ``labels`` and the suffix ``.txt`` (YOLOv7 replaces the first; they differ only for paths with two).
+    None when the path has no ``images`` folder."""
+    head, found, tail = image.rpartition(IMAGES)
+    return f"{head}{LABELS}{os.path.splitext(tail)[0]}.txt" if found else None
+
+
+def label_path(image: str | os.PathLike) -> Path:
+    """``label_file`` as a Path; raises ValueError when the rule cannot apply."""
+    found = label_file(os.fspath(image))
+    if found is None:
+        raise ValueError(f"{image} has no 'images' folder in its path")
+    return Path(found)
+
+
+def _listed_path(line: str, folder: Path) -> str:
+    """An image path of a list file: absolute as is; relative to the list's folder (YOLOv7 and Ultralytics read
+    ``./x`` so; they read ``x`` from the working directory, which is used here only when that file exists)."""
+    given = os.path.expanduser(line)
+    if os.path.isabs(given):
+        return os.path.normpath(given)
+    here = os.path.normpath(os.path.join(folder, given))
+    if line.startswith("./") or os.path.exists(here) or not os.path.exists(given):
+        return here
+    return os.path.abspath(given)
+
+
+def list_images(sources: list[Path]) -> tuple[list[Entry], dict[str, int]]:
+    """The images of a split's sources (folders searched recursively, list files read line by line), sorted,
+    each with its label file; and counts of what was skipped: ``hidden`` (names starting with . or _),
+    ``not_image`` (other suffixes), ``listed_twice``. Raises ValueError when the images -> labels rule cannot
+    apply (no ``images`` folder in an image's path)."""
+    found: dict[str, str | None] = {}
+    skipped: Counter = Counter()
+
+    def add(image: str, listed_at: str | None) -> None:
+        if image in found:
+            skipped["listed_twice"] += 1
+        else:
+            found[image] = listed_at
+
+    for source in sources:
+        if source.is_dir():
+            for path, hidden in walk_files(source):
+                if hidden:
+                    skipped["hidden"] += 1
+                elif not is_image(path):
+                    skipped["not_image"] += 1
+                else:
+                    add(path, None)
+            continue
+        for number, line in enumerate(source.read_text(encoding="utf-8-sig").splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            if not is_image(line):
+                skipped["not_image"] += 1
+                continue
+            add(_listed_path(line, source.parent), f"{source}:{number}")
+    entries = [Entry(image, label_file(image), listed_at=found[image]) for image in sorted(found)]
+    unmatched = [entry for entry in entries if entry.label is None]
+    if unmatched:
+        first = unmatched[0]
+        raise ValueError(
+            f"cannot find the labels of {len(unmatched):,} image(s), e.g. {first.image}"
+            + (f" (listed at {first.listed_at})" if first.listed_at else "")
+            + ": YOLO finds an image's label file by replacing the last 'images' folder of its path with "
+            "'labels' (.../images/train/a.jpg -> .../labels/train/a.txt), and this path has no 'images' folder; "
+            "keep the images under a folder named images/, their labels under labels/ beside it"
+        )
+    return entries, dict(skipped)
 
 
 def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float, tuple[int, int]]:
@@ -104,14 +216,16 @@ def letterbox(image: Image.Image, size: int) -> tuple[Image.Image, float, tuple[
     return canvas, scale, (left, top)
 
 
-class YoloImageFolder(Dataset):
-    """Images of one folder with their YOLO labels, letterboxed to ``image_size``; optionally augmented with a
-    horizontal flip and colour jitter (torchvision.transforms.v2, boxes flipped along)."""
+class YoloDataset(Dataset):
+    """The checked images of one split with their checked labels, letterboxed to ``image_size``; optionally
+    augmented with a horizontal flip and colour jitter (torchvision.transforms.v2, boxes flipped along).
+
+    Labels come from the check (``CheckedSplit``), so a worker never parses a label file; an image that cannot
+    be read now (changed since the check) raises an OSError naming it."""
 
     def __init__(
         self,
-        folder: str | Path,
-        num_classes: int,
+        split: CheckedSplit,
         image_size: int,
         augment: bool = False,
         flip: float = 0.5,
@@ -119,13 +233,9 @@ class YoloImageFolder(Dataset):
         saturation: float = 0.5,
         hue: float = 0.015,
     ):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-        self.images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.images:
-            raise ValueError(f"image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        self.num_classes, self.image_size = num_classes, image_size
+        if split.labels is None or len(split.labels) != len(split.images):
+            raise ValueError("a detection split needs one label array per image")
+        self.images, self.labels, self.image_size = [os.fspath(p) for p in split.images], split.labels, image_size
         self.augment = (
             v2.Compose(
                 [
@@ -141,8 +251,8 @@ class YoloImageFolder(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = Image.open(self.images[index]).convert("RGB")
-        labels = read_labels(label_path(self.images[index]), self.num_classes)
+        image = open_image(self.images[index])
+        labels = self.labels[index]
         width, height = image.size
         image, scale, (left, top) = letterbox(image, self.image_size)
         boxes = labels[:, 1:] * np.array([width, height, width, height], dtype=np.float32) * scale
@@ -165,15 +275,19 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
 
 
 class YoloDataModule(pl.LightningDataModule):
-    """A YOLO-format dataset from a local data YAML (see ``read_data_yaml``).
+    """A YOLO-format dataset from a local data YAML (see ``read_data_yaml``), checked before training.
 
     Args:
         data_yaml: path of the data YAML.
-        num_classes: must equal the number of names in the YAML.
+        num_classes: must equal the number of names in the YAML (None: take it from the YAML).
         image_size: side of the letterboxed square inputs; a multiple of 32 (the coarsest stride).
         batch_size, num_workers, seed: of the loaders (seed: of the training shuffle).
         augment: flip and colour jitter on the training set; ``flip``, ``brightness``, ``saturation``, ``hue``
           are their strengths.
+        check: the dataset check's settings (``CheckSettings.from_config``: ``policy``, ``tolerance``, ``cache``).
+        report_path: where to write the check's report (``dataset_report.json``); None writes none.
+
+    The test split is the YAML's ``test`` when it has labels, else the validation split.
     """
 
     in_channels = 3  # RGB
@@ -181,7 +295,7 @@ class YoloDataModule(pl.LightningDataModule):
     def __init__(
         self,
         data_yaml: str | Path,
-        num_classes: int,
+        num_classes: int | None = None,
         image_size: int = 640,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -191,6 +305,8 @@ class YoloDataModule(pl.LightningDataModule):
         brightness: float = 0.4,
         saturation: float = 0.5,
         hue: float = 0.015,
+        check: Mapping[str, Any] | None = None,
+        report_path: str | Path | None = None,
     ):
         super().__init__()
         if not isinstance(image_size, int) or image_size < 32 or image_size % 32:
@@ -199,19 +315,58 @@ class YoloDataModule(pl.LightningDataModule):
         self.num_classes, self.image_size = num_classes, image_size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.augment = dict(flip=flip, brightness=brightness, saturation=saturation, hue=hue) if augment else None
+        self.check_settings = CheckSettings.from_config(check)
+        self.report_path = report_path
         self.class_names: list[str] = []
+        self._checked: CheckResult | None = None
+        self._logged = False
+
+    def check_data(self) -> CheckResult:
+        """Run the dataset check once (cached on disk, so later runs read only changed files); its result.
+        Raises for a data YAML that cannot be read or does not match ``num_classes``, not for bad files."""
+        if self._checked is None:
+            spec = read_data_yaml(self.data_yaml)
+            names = spec["names"]
+            if self.num_classes is not None and len(names) != self.num_classes:
+                raise ValueError(
+                    f"num_classes={self.num_classes} does not match {self.data_yaml}: it names {len(names)} "
+                    f"classes {names[:10]}; set data_shape.num_classes={len(names)}"
+                )
+            self.num_classes, self.class_names = len(names), names
+            splits, skipped = {}, {}
+            for split in SPLITS:
+                if spec[split]:
+                    splits[split], skipped[split] = list_images(spec[split])
+            self._checked = check_dataset(
+                splits,
+                source=str(Path(self.data_yaml).absolute()),
+                settings=self.check_settings,
+                num_classes=len(names),
+                cache_file=self.check_settings.cache_file(spec["root"], Path(self.data_yaml).stem),
+                report_path=self.report_path,
+                skipped=skipped,
+                optional_labels=("test",),
+            )
+        return self._checked
+
+    def verified(self) -> CheckResult:
+        """The check's result, its summary logged once; raises DatasetCheckError when it failed."""
+        result = self.check_data()
+        if not self._logged:
+            log_result(result)
+            self._logged = True
+        result.raise_if_failed()
+        return result
+
+    def prepare_data(self) -> None:
+        self.verified()  # in the main process, before the first step: a bad dataset stops the run here
 
     def setup(self, stage: str | None = None) -> None:
-        spec = read_data_yaml(self.data_yaml)
-        if len(spec["names"]) != self.num_classes:
-            raise ValueError(
-                f"num_classes={self.num_classes} does not match {self.data_yaml}: it names "
-                f"{len(spec['names'])} classes {spec['names'][:10]}; set data_shape.num_classes={len(spec['names'])}"
-            )
-        self.class_names = spec["names"]
+        splits = self.verified().splits
         augment = self.augment or {}
-        self.train_set = YoloImageFolder(spec["train"], self.num_classes, self.image_size, bool(augment), **augment)
-        self.val_set = YoloImageFolder(spec["val"], self.num_classes, self.image_size)
+        self.train_set = YoloDataset(splits["train"], self.image_size, bool(augment), **augment)
+        self.val_set = YoloDataset(splits["val"], self.image_size)
+        self.test_set = YoloDataset(splits["test"], self.image_size) if "test" in splits else self.val_set
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -232,7 +387,7 @@ class YoloDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.test_set, shuffle=False)
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], colour) -> None:
@@ -398,9 +553,8 @@ class ShapesDetectDataModule(YoloDataModule):
                 f"{len(shapes) * len(colours)} classes"
             )
 
-    def prepare_data(self) -> None:
-        make_shapes_dataset(self.cache_dir, **self.generator_args)
-
-    def setup(self, stage: str | None = None) -> None:
-        self.data_yaml = make_shapes_dataset(self.cache_dir, **self.generator_args)  # cached: only a lookup
-        super().setup(stage)
+    def check_data(self) -> CheckResult:
+        """Build the set (once; later only a lookup), then check it as any YOLO dataset."""
+        if self._checked is None:
+            self.data_yaml = make_shapes_dataset(self.cache_dir, **self.generator_args)
+        return super().check_data()

@@ -2,20 +2,33 @@
 
 Both are decoded once into memory as uint8 tensors and served a batch at a time (repablate.data.tensors);
 per batch they are converted to float, standardized and, for training, augmented with a random padded crop
-and a horizontal flip. ImageFolder images are resized (shorter side) and centre-cropped to ``image_size``
-when loaded, so memory is about 3 * image_size**2 bytes per image: this suits folders up to a few hundred
-thousand small images, not ImageNet.
+and a horizontal flip. ImageFolder images are checked first (repablate.data.check: every file opened, the unreadable
+named), then resized (shorter side) and centre-cropped to ``image_size`` when loaded, so memory is about
+3 * image_size**2 bytes per image: this suits folders up to a few hundred thousand small images, not ImageNet.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.utils import check_integrity
 
+from repablate.data.check import (
+    CheckedSplit,
+    CheckResult,
+    CheckSettings,
+    DatasetCheckError,
+    Entry,
+    check_dataset,
+    log_result,
+)
+from repablate.data.images import IMAGE_SUFFIXES, is_hidden, is_image, open_image, walk_files
 from repablate.data.tensors import InMemoryDataModule, TensorBatches, check_positive_int, check_seed, derived_seed
 
 CIFAR = {"cifar10": (datasets.CIFAR10, 10), "cifar100": (datasets.CIFAR100, 100)}
@@ -114,11 +127,45 @@ class CIFARDataModule(InMemoryDataModule):
             for train in (True, False):
                 self.dataset_class(str(self.root), train=train, download=True)
 
+    def _files(self) -> list[tuple[str, str]]:
+        """(file name, MD5) of every file torchvision reads: the batches and the metadata."""
+        meta = self.dataset_class.meta
+        return [*self.dataset_class.train_list, *self.dataset_class.test_list, [meta["filename"], meta["md5"]]]
+
+    def integrity_error(self) -> Exception | None:
+        """What is wrong with the files, told apart: some missing (FileNotFoundError), or present but failing
+        torchvision's MD5 checksums (DatasetCheckError); None when all are there and intact."""
+        folder = self.root / self.dataset_class.base_folder
+        missing = [name for name, _ in self._files() if not (folder / name).is_file()]
+        if missing:
+            return FileNotFoundError(
+                f"{self.name} not found under root={str(self.root)!r}: the folder {str(folder)!r} lacks {missing}; "
+                "point data.root at a complete copy, or set data.download=true to download it"
+            )
+        corrupt = [name for name, md5 in self._files() if not check_integrity(str(folder / name), md5)]
+        if corrupt:
+            return DatasetCheckError(
+                f"{self.name} under root={str(self.root)!r} is corrupt: {corrupt} fail torchvision's MD5 checksum "
+                f"(a partial download or extraction?); delete the folder {str(folder)!r} and set data.download=true "
+                "to download it again"
+            )
+        return None
+
+    def check_data(self) -> CheckResult:
+        """Every file present and matching torchvision's checksums; raises the ``integrity_error`` otherwise."""
+        error = self.integrity_error()
+        if error is not None:
+            raise error
+        files = len(self._files())
+        report = {"source": str(self.root / self.dataset_class.base_folder), "status": "passed", "splits": {}}
+        report["notes"] = [f"{files} files present, every one matching torchvision's MD5 checksum"]
+        return CheckResult({}, [], report)
+
     def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             dataset = self.dataset_class(str(self.root), train=train, download=self.download)
-        except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
-            raise FileNotFoundError(self._missing_message()) from error
+        except RuntimeError as error:  # torchvision's "Dataset not found or corrupted": say which
+            raise (self.integrity_error() or FileNotFoundError(self._missing_message())) from error
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
         return images, torch.tensor(dataset.targets)
 
@@ -136,12 +183,24 @@ class CIFARDataModule(InMemoryDataModule):
         }
 
 
+SPLIT_FOLDERS = {"train": ("train",), "val": ("val", "valid"), "test": ("test",)}
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of ``folder``, sorted (torchvision's class order), hidden ones (``__MACOSX``,
+    ``.ipynb_checkpoints``: names starting with . or _) left out."""
+    return sorted(path.name for path in folder.iterdir() if path.is_dir() and not is_hidden(path.name))
+
+
 class ImageFolderDataModule(InMemoryDataModule):
-    """Any folder of class sub-folders (torchvision ImageFolder), as RGB ``image_size`` x ``image_size``.
+    """Any folder of class sub-folders (torchvision's ImageFolder layout), as RGB ``image_size`` x ``image_size``.
 
     Layout: either ``root/<class>/<image>``, split into train/val/test by ``val_fraction`` and
-    ``test_fraction`` (fixed by ``split_seed``), or ``root/train/<class>/...`` with optional ``root/val`` and
-    ``root/test`` folders, missing ones carved out of train by the same fractions.
+    ``test_fraction`` (fixed by ``split_seed``), or ``root/train/<class>/...`` with optional ``root/val`` (or
+    ``root/valid``) and ``root/test`` folders used as given, missing ones carved out of train by the same
+    fractions. Folders and files whose names start with . or _ are ignored. Every image is opened by the dataset
+    check first (``check``: its settings, ``policy.unreadable`` error or warn-and-drop; ``report_path``: where
+    its report goes).
     """
 
     in_channels = 3
@@ -157,6 +216,8 @@ class ImageFolderDataModule(InMemoryDataModule):
         split_seed: int = 0,
         augment: bool = True,
         eval_batch_size: int | None = None,
+        check: Mapping[str, Any] | None = None,
+        report_path: str | Path | None = None,
     ):
         super().__init__(batch_size, seed, eval_batch_size)
         check_positive_int(image_size=image_size)
@@ -170,18 +231,88 @@ class ImageFolderDataModule(InMemoryDataModule):
                 f"ImageFolder root={str(self.root)!r} does not exist: point data.root at a folder of class "
                 "sub-folders (ImageFolder data is never downloaded)"
             )
-        self.folders = {name: self.root / name for name in ("train", "val", "test") if (self.root / name).is_dir()}
-        if "train" not in self.folders:
-            self.folders = {"train": self.root}
-        try:
-            self.classes, _ = find_classes(str(self.folders["train"]))
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"ImageFolder root={str(self.root)!r}: {error}") from error
+        self.folders = self._split_folders()
+        self.classes = class_folders(self.folders["train"])
+        if not self.classes:
+            raise FileNotFoundError(
+                f"ImageFolder root={str(self.root)!r} holds no class folders in {str(self.folders['train'])!r}: "
+                "expected <class>/<image> (or train/<class>/<image>)"
+            )
         self.num_classes, self.image_size = len(self.classes), image_size
         self.fractions = {"val": val_fraction, "test": test_fraction}
         self.split_seed, self.augment = split_seed, augment
+        self.check_settings = CheckSettings.from_config(check)
+        self.report_path = report_path
+        self._checked: CheckResult | None = None
+        self._logged = False
 
-    def _load(self, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split_folders(self) -> dict[str, Path]:
+        root = self.root.absolute()  # the check names files by absolute path
+        if not (root / "train").is_dir():
+            return {"train": root}
+        folders = {}
+        for split, names in SPLIT_FOLDERS.items():
+            present = [root / name for name in names if (root / name).is_dir()]
+            if len(present) > 1:
+                raise ValueError(
+                    f"ImageFolder root={str(self.root)!r} has both {' and '.join(p.name + '/' for p in present)}: "
+                    f"keep one {split} folder"
+                )
+            if present:
+                folders[split] = present[0]
+        return folders
+
+    def check_data(self) -> CheckResult:
+        """List every split's images and open each once (cached on disk, so later runs open only changed files);
+        the check's result. Raises for a layout that cannot be used (classes differ, an empty class)."""
+        if self._checked is not None:
+            return self._checked
+        splits, skipped = {}, {}
+        for split, folder in self.folders.items():
+            classes = class_folders(folder)
+            if classes != self.classes:
+                raise ValueError(f"the classes of {str(folder)!r} ({classes}) differ from train's ({self.classes})")
+            counts: Counter = Counter(hidden=sum(p.is_dir() and is_hidden(p.name) for p in folder.iterdir()))
+            entries = []
+            for target, name in enumerate(classes):
+                before = len(entries)
+                for path, hidden in walk_files(folder / name):
+                    if hidden:
+                        counts["hidden"] += 1
+                    elif not is_image(path):
+                        counts["not_image"] += 1
+                    else:
+                        entries.append(Entry(path, target=target))
+                if split == "train" and len(entries) == before:
+                    raise ValueError(
+                        f"class folder {str(folder / name)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): every "
+                        "class needs training images"
+                    )
+            splits[split], skipped[split] = entries, dict(counts)
+        self._checked = check_dataset(
+            splits,
+            source=str(self.root.absolute()),
+            settings=self.check_settings,
+            num_classes=self.num_classes,
+            cache_file=self.check_settings.cache_file(self.root),
+            report_path=self.report_path,
+            skipped=skipped,
+        )
+        return self._checked
+
+    def verified(self) -> CheckResult:
+        """The check's result, its summary logged once; raises DatasetCheckError when it failed."""
+        result = self.check_data()
+        if not self._logged:
+            log_result(result)
+            self._logged = True
+        result.raise_if_failed()
+        return result
+
+    def prepare_data(self) -> None:
+        self.verified()  # before the first step: an unreadable image stops the run here, named
+
+    def _load(self, split: CheckedSplit) -> tuple[torch.Tensor, torch.Tensor]:
         resize = transforms.Compose(
             [
                 transforms.Resize(self.image_size),
@@ -189,14 +320,11 @@ class ImageFolderDataModule(InMemoryDataModule):
                 transforms.PILToTensor(),
             ]
         )
-        dataset = datasets.ImageFolder(str(folder), transform=resize)
-        if dataset.classes != self.classes:
-            raise ValueError(f"the classes of {str(folder)!r} ({dataset.classes}) differ from train's ({self.classes})")
-        images = torch.stack([image for image, _ in dataset])
-        return images, torch.tensor(dataset.targets)
+        images = torch.stack([resize(open_image(path)) for path in split.images])
+        return images, torch.tensor(split.targets)
 
     def build_splits(self) -> dict[str, TensorBatches]:
-        loaded = {name: self._load(folder) for name, folder in self.folders.items()}
+        loaded = {name: self._load(split) for name, split in self.verified().splits.items()}
         images, labels = loaded.pop("train")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(derived_seed(self.split_seed)))
         start = 0

@@ -263,16 +263,17 @@ register_resolvers()
 def run_job(cfg: DictConfig) -> None:
     """Hydra's task: one run into the run directory Hydra created (conf/hydra/default.yaml).
 
-    A bad value, a diverged run or an error in a DataLoader worker, in a single run, ends the process with status 1
-    after the one logged line naming it (a worker's traceback goes to main.log); in a sweep it fails that job like
-    any other error, and the sweep goes on.
+    A bad value, a dataset that fails its check, a diverged run or an error in a DataLoader worker, in a single
+    run, ends the process with status 1 after the one logged line naming it (a worker's traceback goes to
+    main.log); in a sweep it fails that job like any other error, and the sweep goes on.
     """
+    from repablate.data.check import DatasetCheckError
     from repablate.train.callbacks import TrainingDiverged
 
     try:
         run(cfg, Path(HydraConfig.get().runtime.output_dir))
     except Exception as error:
-        expected = isinstance(error, (ConfigError, FileNotFoundError, TrainingDiverged))
+        expected = isinstance(error, (ConfigError, FileNotFoundError, DatasetCheckError, TrainingDiverged))
         if HydraConfig.get().mode != RunMode.RUN or not (expected or dataloader_worker_error(error)):
             raise
         raise SystemExit(1) from None  # run() has logged the message (and a worker's traceback into main.log)
