@@ -1,6 +1,7 @@
 """``python -m repablate.bench``: the article's table (FLOPs, memory access, latency; multi-branch vs single conv)
 measured over a grid of channel widths and resolutions and for whole networks, with a deployed RepConv beside a
-plain conv of the same shape. Markdown to stdout, CSV with ``--out``.
+plain conv of the same shape, and each deployed network in PyTorch eager beside inference engines running its ONNX
+graph (ONNX Runtime; OpenVINO, CUDA and TensorRT providers where present). Markdown to stdout, CSV with ``--out``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from repablate.bench import grid
+from repablate.bench.engines import ENGINES, EngineReport, markdown_engines, measure_engines
 from repablate.bench.forms import describe_machine, resolve_device, resolve_dtype
-from repablate.nn import Conv
+from repablate.nn import Conv, reparameterize
 from repablate.results import write_atomically
 
 QUICK = {
@@ -29,6 +31,7 @@ QUICK = {
     "rounds": 1,
     "min_run_time": 0.01,
     "warmup": 1,
+    "engines": ["onnxruntime"],
 }
 FULL = {
     "widths": [16, 32, 64, 128, 256],
@@ -37,6 +40,7 @@ FULL = {
     "rounds": 20,
     "min_run_time": 0.05,
     "warmup": 10,
+    "engines": list(ENGINES),
 }
 
 
@@ -57,6 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="interleaved timing rounds per case")
     parser.add_argument("--min-run-time", type=float, help="seconds of timed calls per model and round")
     parser.add_argument("--warmup", type=int, help="untimed calls per model before timing")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        choices=ENGINES,
+        help="engines timed beside PyTorch eager on each deployed network's ONNX graph (default: all, skipped where "
+        "missing; quick mode: onnxruntime)",
+    )
+    parser.add_argument("--no-engines", action="store_true", help="no engine comparison")
     parser.add_argument("--out", type=Path, help="write every measured figure to this CSV file")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -95,7 +107,25 @@ def network_cases(resolution: int, batch_size: int, quick: bool) -> list[grid.Ca
     return cases
 
 
-def print_report(args, argv, device, dtype, threads, block_rows, model_rows, overheads) -> None:
+def engine_report(case: grid.Case, threads: int, args: argparse.Namespace) -> EngineReport:
+    """The deployed network of ``case`` in PyTorch eager (CPU, float32) and in ``args.engines`` on its ONNX graph,
+    interleaved with the grid's timing settings."""
+    from repablate.export import export_onnx  # the CLI may look sideways; the library in repablate.bench does not
+
+    deployed = reparameterize(case.train)
+    return measure_engines(
+        deployed,
+        export_onnx(deployed, case.example_input),
+        case.example_input,
+        engines=args.engines,
+        threads=threads,
+        warmup=args.warmup,
+        min_run_time=args.min_run_time,
+        rounds=args.rounds,
+    )
+
+
+def print_report(args, argv, device, dtype, threads, block_rows, model_rows, overheads, engines) -> None:
     """The markdown report: settings and method, the block grid with the article's claims, networks, overhead."""
     print("# repablate.bench\n")
     print(
@@ -115,6 +145,14 @@ def print_report(args, argv, device, dtype, threads, block_rows, model_rows, ove
     if model_rows:
         print("## Whole networks: training form vs deployed vs the same network of plain convs\n")
         print(grid.markdown_rows(model_rows) + "\n")
+    if engines:
+        print(
+            "## Engines: each deployed network in PyTorch eager vs inference engines on its ONNX graph (float32, "
+            f"{threads} thread(s) in every engine, interleaved)\n"
+        )
+        print(markdown_engines(engines) + "\n")
+    elif model_rows and not args.no_engines:
+        print("## Engines: not measured (the engines run float32 graphs beside eager on the CPU, without --compile)\n")
     print("## Harness overhead: measure_latency vs a hand-written torch.utils.benchmark.Timer loop\n")
     print("| case | harness ms | hand-written ms | harness / hand-written - 1 (median of per-round ratios) |")
     print("|---|---:|---:|---:|")
@@ -150,15 +188,23 @@ def main(argv: list[str] | None = None) -> int:
         for width in args.widths
         for resolution in args.resolutions
     ]
-    model_rows = (
+    cases = (
         []
         if args.no_models
         else [
-            grid.run_case(case, **settings)
+            case
             for resolution in args.model_resolutions
             for case in network_cases(resolution, args.batch_size, args.quick)
         ]
     )
+    model_rows = [grid.run_case(case, **settings) for case in cases]
+    # Engines run the float32 graph on the CPU (GPU providers where present): beside eager on the CPU only.
+    engines = []
+    if not args.no_engines and device.type == "cpu" and dtype == torch.float32 and not args.compile:
+        for case, row in zip(cases, model_rows, strict=True):
+            report = engine_report(case, threads, args)
+            row.update(report.as_dict())
+            engines.append((case.name, report))
     # Where a harness's own cost would show most (the smallest case) and where it matters least (the largest).
     sizes = dict.fromkeys([(min(args.widths), min(args.resolutions)), (max(args.widths), max(args.resolutions))])
     overheads = [
@@ -167,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for width, resolution in sizes
     ]
-    print_report(args, argv, device, dtype, threads, block_rows, model_rows, overheads)
+    print_report(args, argv, device, dtype, threads, block_rows, model_rows, overheads, engines)
     if args.out:
         write_csv(block_rows + model_rows, args.out)
         print(f"\nCSV: {args.out}")
