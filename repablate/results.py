@@ -40,9 +40,9 @@ MISSING, INVALID = "missing", "invalid"
 STATUSES = (*RUN_STATUSES, MISSING, INVALID)
 
 # The fields that describe the run itself; besides them results.json holds the figures (train_form/..., deploy_form/...,
-# ratio/..., equivalence/..., grad/..., the last logged metrics), the option chosen in every config group under
-# CHOICE_PREFIX and the resolved config under CONFIG_PREFIX. A run that stops before training has no epochs,
-# global_step or device yet.
+# ratio/..., equivalence/..., onnx/..., int8/..., grad/..., the last logged metrics), the option chosen in every config
+# group under CHOICE_PREFIX and the resolved config under CONFIG_PREFIX. A run that stops before training has no
+# epochs, global_step or device yet.
 RUN_FIELDS = (
     "status",
     "error",

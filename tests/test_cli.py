@@ -56,6 +56,14 @@ FIELDS = [
     "ratio/flops",
     "ratio/mem_bytes",
     "ratio/latency_ms",
+    "onnx/max_rel_error",
+    "onnx/latency_ms",
+    "onnx/val/acc",
+    "onnx/test/acc",
+    "int8/val/acc",
+    "int8/test/acc",
+    "int8/drop",
+    "int8/latency_ms",
     "bench/batch_size",
     "bench/threads",
     "bench/device",
@@ -114,11 +122,14 @@ def test_main_job_writes_the_documented_run_directory(tmp_path):
     assert record["deploy_form/val/acc"] == record["train_form/val/acc"] > 0.5
     assert record["deploy_form/test/acc"] == record["train_form/test/acc"] == record["test/acc"]
     assert record["ratio/params"] > 1 and record["deploy_form/latency_ms"] > 0
+    assert record["onnx/ok"] and record["int8/drop"] == record["deploy_form/test/acc"] - record["int8/test/acc"]
     for name in (
         "metrics.csv",
         "branch_gradients.csv",
         "checkpoints/last.ckpt",
         "checkpoints/deploy.pt",
+        "checkpoints/model.onnx",
+        "checkpoints/model.int8.onnx",
         ".hydra/config.yaml",
     ):
         assert (run_dir / name).is_file(), name

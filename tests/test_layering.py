@@ -22,7 +22,7 @@ ALLOWED = {
     "models": {"nn"} | FOUNDATION,
     "data": FOUNDATION,
     "bench": {"nn"} | FOUNDATION,
-    "train": {"nn", "models", "data", "bench"} | FOUNDATION,
+    "train": {"nn", "models", "data", "bench", "export"} | FOUNDATION,  # export: repablate/export.py
     "analysis": FOUNDATION,
 }
 

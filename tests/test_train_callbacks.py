@@ -4,6 +4,10 @@ schedule, on hand-made models and gradients."""
 from __future__ import annotations
 
 import csv
+import logging
+import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -210,3 +214,110 @@ def test_deploy_check_builds_a_users_own_model_from_the_run_config_and_warns_abo
     assert "UserBlockNet" in caplog.text and "inspect" in caplog.text
     with pytest.raises(CheckpointError, match="UserBlockNet"):
         build_model(check.run_config["model"], deploy=True)
+
+
+# --- the deploy check's ONNX export and INT8 quantization ----------------------------------------------------------
+
+EXPORT_QUICK = [
+    "trainer=debug",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=0",
+    "+callbacks.deploy_check.bench.latency=false",
+    "callbacks.deploy_check.measure_batch_size=8",
+    "callbacks.deploy_check.calibration_batches=2",
+    "callbacks.deploy_check.export_options.rounds=2",
+    "callbacks.deploy_check.export_options.min_run_time=0.01",
+    "callbacks.deploy_check.export_options.warmup=1",
+]
+EXPORT_FIELDS = ("onnx/max_rel_error", "onnx/latency_ms", "onnx/val/acc", "onnx/test/acc")
+INT8_FIELDS = ("int8/val/acc", "int8/test/acc", "int8/drop", "int8/latency_ms")
+
+
+def _export_run(compose_config, tmp_path, *overrides: str) -> tuple[dict, Path]:
+    from repablate.train.main import run
+
+    run_dir = tmp_path / "run"
+    record = run(compose_config("+variant=repconv", *EXPORT_QUICK, *overrides, run_dir=run_dir), run_dir)
+    assert record["status"] == "completed", record["error"]
+    return record, run_dir / "checkpoints"
+
+
+def test_deploy_check_exports_the_fused_model_to_onnx_and_int8(compose_config, tmp_path):
+    record, checkpoints = _export_run(compose_config, tmp_path)
+    for field in (*EXPORT_FIELDS, *INT8_FIELDS):
+        assert isinstance(record[field], float) and math.isfinite(record[field]), field
+    assert (checkpoints / "model.onnx").is_file() and (checkpoints / "model.int8.onnx").is_file()
+    assert record["onnx/ok"] and record["onnx/max_rel_error"] <= 1e-4 and record["onnx/fused_blocks"] > 0
+    assert record["onnx/test/acc"] == pytest.approx(record["deploy_form/test/acc"], abs=0.005)
+    assert record["int8/drop"] == record["deploy_form/test/acc"] - record["int8/test/acc"]
+    assert record["int8/drop_metric"] == "acc" and record["int8/calibration_batches"] == 2
+    assert record["onnx/latency_ms"] > 0 and record["int8/latency_ms"] > 0
+
+
+def test_deploy_check_without_export_writes_no_graph_and_no_fields(compose_config, tmp_path):
+    record, checkpoints = _export_run(compose_config, tmp_path, "callbacks.deploy_check.export=false")
+    assert not [key for key in record if key.startswith(("onnx/", "int8/"))]
+    assert not list(checkpoints.glob("*.onnx")) and (checkpoints / "deploy.pt").is_file()
+
+
+def test_deploy_check_without_int8_exports_fp32_only(compose_config, tmp_path):
+    record, checkpoints = _export_run(compose_config, tmp_path, "callbacks.deploy_check.int8=false")
+    assert all(math.isfinite(record[field]) for field in EXPORT_FIELDS)
+    assert not [key for key in record if key.startswith("int8/")]
+    assert (checkpoints / "model.onnx").is_file() and not (checkpoints / "model.int8.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"onnx/ok": False, "onnx/audit_problems": "block 'b' exports 3 Conv nodes"}, "3 Conv nodes"),
+        ({"onnx/ok": False, "onnx/max_rel_error": 0.5}, "max_rel_error 5.000e-01"),
+        ({"onnx/test/acc": 0.5}, "test acc of the exported ONNX graph is 0.500000"),
+    ],
+)
+def test_deploy_check_fails_when_the_onnx_graph_is_not_the_fused_model(tmp_path, monkeypatch, changes, message):
+    import repablate.export
+
+    passing = {
+        "onnx/ok": True,
+        "onnx/audit_problems": "",
+        "onnx/max_rel_error": 0.0,
+        "onnx/file": "model.onnx",
+        "onnx/val/acc": 1.0,
+        "onnx/test/acc": 1.0,
+    }
+    monkeypatch.setattr(repablate.export, "export_and_check", lambda *args, **kwargs: {**passing, **changes})
+    check = DeployCheck(tmp_path / "deploy.pt", int8=False)
+    check.results = {"deploy_form/val/acc": 1.0, "deploy_form/test/acc": 1.0}
+    module = SimpleNamespace(example_input=lambda batch_size: torch.zeros(batch_size, 1))
+    with pytest.raises(DeployMismatchError, match=re.escape(message)):
+        check._export(nn.Identity(), module, SimpleNamespace())
+
+
+def test_deploy_check_turns_int8_off_with_export_and_refuses_no_calibration(tmp_path):
+    assert DeployCheck(tmp_path / "deploy.pt", export=False, int8=True).int8 is False
+    with pytest.raises(ValueError, match="calibration_batches=0"):
+        DeployCheck(tmp_path / "deploy.pt", calibration_batches=0)
+
+
+@pytest.mark.slow  # YOLOv7-tiny's export, INT8 calibration and four ONNX evaluations: about 40 s on 2 loaded cores
+def test_deploy_check_exports_and_quantizes_a_detector(compose_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("REPABLATE_CACHE", str(tmp_path / "cache"))
+    detect = ["task=detect", "model=yolov7_tiny", "data=shapes_detect", "data.num_train=8", "data.num_val=4"]
+    record, checkpoints = _export_run(compose_config, tmp_path, *detect, "data.batch_size=4")
+    assert record["task"] == "detect" and record["onnx/ok"] and record["onnx/max_rel_error"] <= 1e-4
+    assert record["onnx/test/map50"] == pytest.approx(record["deploy_form/test/map50"], abs=0.005)
+    assert record["int8/drop_metric"] == "map50" and math.isfinite(record["int8/test/map"])
+    assert record["int8/drop"] == record["deploy_form/test/map50"] - record["int8/test/map50"]
+    assert (checkpoints / "model.onnx").is_file() and (checkpoints / "model.int8.onnx").is_file()
+
+
+def test_the_exporters_info_logs_are_kept_off_the_console_and_levels_restored(caplog):
+    from repablate.train.callbacks import EXPORTER_LOGGERS, _quiet
+
+    levels = [logging.getLogger(name).level for name in EXPORTER_LOGGERS]
+    with caplog.at_level(logging.INFO), _quiet(EXPORTER_LOGGERS):
+        logging.getLogger("onnxscript.optimizer").info("Skipping constant folding for node 'x'")
+        logging.getLogger("onnx_ir.passes").warning("a warning still shows")
+    assert [record.getMessage() for record in caplog.records] == ["a warning still shows"]
+    assert [logging.getLogger(name).level for name in EXPORTER_LOGGERS] == levels

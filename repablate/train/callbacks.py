@@ -287,6 +287,25 @@ def _full_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+# The ONNX exporter's optimizer logs every pass at INFO ("Skipping constant folding ...", "No unused functions to
+# remove"): a run's console keeps warnings and errors from them only.
+EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextmanager
+def _quiet(names: tuple[str, ...], level: int = logging.WARNING):
+    """Loggers ``names`` at ``level`` or above while inside (their levels restored after)."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, saved, strict=True):
+            logger.setLevel(old)
+
+
 class DeployCheck(Callback):
     """At the end of fit: fuse a copy of ``pl_module.model`` and prove it is the same function.
 
@@ -301,9 +320,18 @@ class DeployCheck(Callback):
        deploy=True)`` from the run's own config in memory, outputs compared. A model target outside
        ``repablate.train.checkpoints``' allow-list (a user's own block) is built, with a warning that inspect
        will refuse to rebuild that file.
+    5. with ``export``: ``repablate.export.export_and_check`` of the fused model into the folder of
+       ``checkpoint_path`` (``model.onnx``; with ``int8`` also ``model.int8.onnx``, statically quantized on the
+       inputs of the first ``calibration_batches`` training batches), ``export_options`` as its further keyword
+       arguments; the FP32 graph and the INT8 graph are evaluated with ``pl_module.evaluate`` on the validation
+       and test loaders (``onnx/<split>/<metric>``, ``int8/<split>/<metric>``). A graph that fails its audit,
+       differs from the fused model by more than ``max_rel_error``, or whose metrics differ from the fused
+       model's by more than ``metric_atol`` fails the run. ``int8/drop`` is the fused model's test metric minus
+       the INT8 graph's, for the task's first metric (``acc``; ``map50`` for detection).
 
     ``run_config`` (the resolved run config, a plain dict) is set by the entry point; without it step 4 saves
-    no config and skips the verification. ``run_results()``: the figures of steps 1-3 (flat, results.json's keys).
+    no config and skips the verification. ``run_results()``: the figures of steps 1-3 and 5 (flat, results.json's
+    keys).
     """
 
     def __init__(
@@ -314,9 +342,17 @@ class DeployCheck(Callback):
         metric_atol: float = 0.005,
         measure_batch_size: int = 32,
         bench: dict[str, Any] | None = None,
+        export: bool = True,
+        int8: bool = True,
+        calibration_batches: int = 8,
+        export_options: dict[str, Any] | None = None,
     ):
         if not isinstance(equivalence_batches, int) or equivalence_batches < 1:
             raise ValueError(f"equivalence_batches={equivalence_batches!r} is not allowed: it must be >= 1")
+        if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r} is not allowed: it must be >= 1")
+        self.export, self.int8, self.calibration_batches = export, export and int8, calibration_batches
+        self.export_options = dict(export_options or {})
         self.checkpoint_path = Path(checkpoint_path)
         self.equivalence_batches, self.max_rel_error, self.metric_atol = equivalence_batches, max_rel_error, metric_atol
         self.measure_batch_size = measure_batch_size
@@ -343,7 +379,57 @@ class DeployCheck(Callback):
         report = measure_forms(model, deployed, pl_module.example_input(self.measure_batch_size), **bench)
         self.results.update(report.as_dict())
         self._save_deploy_checkpoint(deployed, pl_module.example_input(2))
+        if self.export:
+            self.results.update(self._export(deployed, pl_module, datamodule))
         _log_to_loggers(trainer, _scalars(self.results))
+
+    def _export(self, deployed: nn.Module, pl_module: pl.LightningModule, datamodule) -> dict[str, Any]:
+        from repablate.export import export_and_check  # ONNX and ONNX Runtime are costly to import
+
+        def evaluate(graph: nn.Module) -> dict[str, float]:
+            loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
+            return {
+                f"{split}/{name}": value
+                for split, loader in loaders.items()
+                for name, value in pl_module.evaluate(graph, loader).items()
+            }
+
+        calibration = None
+        if self.int8:  # inputs only, the first batches in the loader's order (shuffled or not, any fixed batches do)
+            calibration = [
+                batch_inputs(batch) for batch in islice(datamodule.train_dataloader(), self.calibration_batches)
+            ]
+        options = {"tolerance": self.max_rel_error, **self.export_options}
+        with _quiet(EXPORTER_LOGGERS):
+            results = export_and_check(
+                deployed,
+                pl_module.example_input(self.measure_batch_size),
+                self.checkpoint_path.parent,
+                calibration_batches=calibration,
+                num_calibration_batches=self.calibration_batches,
+                evaluate=evaluate,
+                **options,
+            )
+        if not results["onnx/ok"]:
+            problems = results["onnx/audit_problems"] or "none"
+            raise DeployMismatchError(
+                f"the exported ONNX graph {results['onnx/file']} is not the fused model: max_rel_error "
+                f"{results['onnx/max_rel_error']:.3e} (tolerance {options['tolerance']:g}); audit problems: {problems}"
+            )
+        metrics = [key.removeprefix("deploy_form/test/") for key in self.results if key.startswith("deploy_form/test/")]
+        for split in ("val", "test"):
+            for name in metrics:
+                fused, graph = self.results[f"deploy_form/{split}/{name}"], results[f"onnx/{split}/{name}"]
+                if not abs(fused - graph) <= self.metric_atol:
+                    raise DeployMismatchError(
+                        f"{split} {name} of the exported ONNX graph is {graph:.6f}, the fused model's {fused:.6f}: "
+                        f"they differ by more than float noise (metric_atol={self.metric_atol:g})"
+                    )
+        if self.int8 and metrics:
+            primary = metrics[0]  # the task's first metric: acc, or map50 for detection
+            results["int8/drop"] = self.results[f"deploy_form/test/{primary}"] - results[f"int8/test/{primary}"]
+            results["int8/drop_metric"] = primary
+        return results
 
     def _equivalence(self, model: nn.Module, deployed: nn.Module, loader, device) -> dict[str, Any]:
         max_abs = max_rel = 0.0
