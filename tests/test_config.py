@@ -291,6 +291,9 @@ def test_sweep_jobs_are_the_sweep_params_and_the_command_line_expanded_as_basic_
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "sweep").glob("*.yaml") if not p.stem.startswith("_")))
 def test_every_named_sweep_lists_one_job_per_cell(name):
     cfg = _compose_sweep(f"+sweep={name}")
+    if "optuna" in str(cfg.hydra.sweeper._target_).lower():  # asks for its trials as it goes: no list ahead
+        assert sweep_jobs(cfg) is None
+        return
     cells = 1
     for values in cfg.hydra.sweeper.params.values():
         cells *= len(str(values).split(","))
