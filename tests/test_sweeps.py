@@ -21,7 +21,9 @@ from repablate.train.main import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml") if not p.stem.startswith("_"))  # _base: a part
+TUNING = {"tune"}  # an Optuna search, not a grid: tests/test_tune.py
+# The grid sweeps; _base is a part of them.
+SWEEPS = sorted(p.stem for p in (CONF / "sweep").glob("*.yaml") if not p.stem.startswith("_") and p.stem not in TUNING)
 VARIANTS = {p.stem for p in (CONF / "variant").glob("*.yaml")}
 ACC = "deploy_form/test/acc"
 
@@ -98,7 +100,8 @@ def _same(value: str, swept: str) -> bool:
 
 
 def test_the_named_ablations_are_all_there():
-    assert {"article", "branches", "init", "lr", "clip", "default"} <= set(SWEEPS)
+    assert {"article", "branches", "init", "lr", "clip", "default", "depth"} <= set(SWEEPS)
+    assert TUNING <= {p.stem for p in (CONF / "sweep").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("name", SWEEPS)

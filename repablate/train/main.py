@@ -260,7 +260,7 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
-def run_job(cfg: DictConfig) -> None:
+def run_job(cfg: DictConfig) -> float | None:
     """Hydra's task: one run into the run directory Hydra created (conf/hydra/default.yaml).
 
     A bad value, a dataset that fails its check, a diverged run or an error in a DataLoader worker, in a single
@@ -271,7 +271,8 @@ def run_job(cfg: DictConfig) -> None:
     from repablate.train.callbacks import TrainingDiverged
 
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        # A sweeper that optimizes (Optuna, +sweep=tune) reads the run's `objective` metric from the return value.
+        return run(cfg, Path(HydraConfig.get().runtime.output_dir)).get(cfg.get("objective"))
     except Exception as error:
         expected = isinstance(error, (ConfigError, FileNotFoundError, DatasetCheckError, TrainingDiverged))
         if HydraConfig.get().mode != RunMode.RUN or not (expected or dataloader_worker_error(error)):
