@@ -33,6 +33,34 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name}={value!r} is not allowed: it must be a positive integer")
 
 
+def branch_geometry(
+    block: str, c1: int, c2: int, k: int, s: int, p: int | None, g: int, d: int, use_identity: bool | None
+) -> tuple[int, bool]:
+    """Check a multi-branch block's shape arguments; return its padding and whether an identity branch fits.
+
+    The branches are summed, so they must align on the kernel centre (odd ``k``, ``p >= d * (k // 2)``); an
+    identity branch needs ``c1 == c2``, stride 1 and 'same' padding. Raises ValueError naming the bad value.
+    """
+    _check_positive(c1=c1, c2=c2, k=k, s=s, g=g, d=d)
+    if k % 2 == 0:
+        raise ValueError(f"k={k} is not allowed: {block} needs an odd kernel size so branches share a centre")
+    if c1 % g or c2 % g:
+        raise ValueError(f"g={g} is not allowed: it must divide both c1={c1} and c2={c2}")
+    p = autopad(k, p, d)
+    if p < d * (k // 2):
+        raise ValueError(
+            f"p={p} is not allowed for k={k}, d={d}: the branches align on the kernel centre, which needs "
+            f"p >= d * (k // 2) = {d * (k // 2)}"
+        )
+    identity_possible = c1 == c2 and s == 1 and p == d * (k // 2)
+    if use_identity and not identity_possible:
+        raise ValueError(
+            f"use_identity=True is impossible for c1={c1}, c2={c2}, s={s}, p={p}: an identity branch needs "
+            f"c1 == c2, stride 1 and 'same' padding p={d * (k // 2)} so that output and input have one shape"
+        )
+    return p, identity_possible
+
+
 def _conv_bn(c1: int, c2: int, k: int, s: int, p: int, d: int, g: int, eps: float, momentum: float) -> nn.Sequential:
     # nn.Sequential(conv, bn) keeps YOLOv7's state_dict keys: rbr_dense.0.weight, rbr_dense.1.running_mean, ...
     return nn.Sequential(
@@ -100,23 +128,7 @@ class RepConv(_FormCheck, nn.Module):
         bn_momentum: float = 0.1,
     ):
         super().__init__()
-        _check_positive(c1=c1, c2=c2, k=k, s=s, g=g, d=d)
-        if k % 2 == 0:
-            raise ValueError(f"k={k} is not allowed: RepConv needs an odd kernel size so branches share a centre")
-        if c1 % g or c2 % g:
-            raise ValueError(f"g={g} is not allowed: it must divide both c1={c1} and c2={c2}")
-        p = autopad(k, p, d)
-        if p < d * (k // 2):
-            raise ValueError(
-                f"p={p} is not allowed for k={k}, d={d}: the branches align on the kernel centre, which needs "
-                f"p >= d * (k // 2) = {d * (k // 2)}"
-            )
-        identity_possible = c1 == c2 and s == 1 and p == d * (k // 2)
-        if use_identity and not identity_possible:
-            raise ValueError(
-                f"use_identity=True is impossible for c1={c1}, c2={c2}, s={s}, p={p}: an identity branch needs "
-                f"c1 == c2, stride 1 and 'same' padding p={d * (k // 2)} so that output and input have one shape"
-            )
+        p, identity_possible = branch_geometry("RepConv", c1, c2, k, s, p, g, d, use_identity)
         self.c1, self.c2, self.k, self.s, self.p, self.g, self.d = c1, c2, k, s, p, g, d
         self.deploy = deploy
         self.act = make_activation(act)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from repablate.nn import fusion
-from repablate.nn.blocks import RepConv, _check_positive, _conv_bn, _FormCheck, autopad, make_activation
+from repablate.nn.blocks import RepConv, _conv_bn, _FormCheck, branch_geometry, make_activation
 
 
 class QARepConv(_FormCheck, nn.Module):
@@ -54,23 +54,7 @@ class QARepConv(_FormCheck, nn.Module):
         bn_momentum: float = 0.1,
     ):
         super().__init__()
-        _check_positive(c1=c1, c2=c2, k=k, s=s, g=g, d=d)
-        if k % 2 == 0:
-            raise ValueError(f"k={k} is not allowed: QARepConv needs an odd kernel size so branches share a centre")
-        if c1 % g or c2 % g:
-            raise ValueError(f"g={g} is not allowed: it must divide both c1={c1} and c2={c2}")
-        p = autopad(k, p, d)
-        if p < d * (k // 2):
-            raise ValueError(
-                f"p={p} is not allowed for k={k}, d={d}: the branches align on the kernel centre, which needs "
-                f"p >= d * (k // 2) = {d * (k // 2)}"
-            )
-        identity_possible = c1 == c2 and s == 1 and p == d * (k // 2)
-        if use_identity and not identity_possible:
-            raise ValueError(
-                f"use_identity=True is impossible for c1={c1}, c2={c2}, s={s}, p={p}: an identity branch needs "
-                f"c1 == c2, stride 1 and 'same' padding p={d * (k // 2)} so that output and input have one shape"
-            )
+        p, identity_possible = branch_geometry("QARepConv", c1, c2, k, s, p, g, d, use_identity)
         self.c1, self.c2, self.k, self.s, self.p, self.g, self.d = c1, c2, k, s, p, g, d
         self.deploy = deploy
         self.act = make_activation(act)
