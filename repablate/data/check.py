@@ -639,3 +639,26 @@ if __name__ == "__main__":
     from repablate.data.check import main as check_main
 
     sys.exit(check_main())
+
+
+class CheckedData:
+    """For a datamodule whose ``check_data()`` runs the dataset check (once, cached on the instance):
+    ``verified()`` logs its summary once and raises DatasetCheckError when it failed, and ``prepare_data`` runs
+    it in the main process, so a bad dataset stops the run before the first step, never inside a worker."""
+
+    _logged = False
+
+    def check_data(self) -> CheckResult:
+        raise NotImplementedError
+
+    def verified(self) -> CheckResult:
+        """The check's result, its summary logged once; raises DatasetCheckError when it failed."""
+        result = self.check_data()
+        if not self._logged:
+            log_result(result)
+            self._logged = True
+        result.raise_if_failed()
+        return result
+
+    def prepare_data(self) -> None:
+        self.verified()

@@ -32,13 +32,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from repablate.data.check import (
+    CheckedData,
     CheckedSplit,
     CheckResult,
     CheckSettings,
     Entry,
     check_dataset,
     default_cache_dir,
-    log_result,
 )
 from repablate.data.images import is_image, open_image, walk_files
 
@@ -274,7 +274,7 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
     return torch.stack(images), torch.cat(indexed).reshape(-1, 6)
 
 
-class YoloDataModule(pl.LightningDataModule):
+class YoloDataModule(CheckedData, pl.LightningDataModule):
     """A YOLO-format dataset from a local data YAML (see ``read_data_yaml``), checked before training.
 
     Args:
@@ -319,7 +319,6 @@ class YoloDataModule(pl.LightningDataModule):
         self.report_path = report_path
         self.class_names: list[str] = []
         self._checked: CheckResult | None = None
-        self._logged = False
 
     def check_data(self) -> CheckResult:
         """Run the dataset check once (cached on disk, so later runs read only changed files); its result.
@@ -348,18 +347,6 @@ class YoloDataModule(pl.LightningDataModule):
                 optional_labels=("test",),
             )
         return self._checked
-
-    def verified(self) -> CheckResult:
-        """The check's result, its summary logged once; raises DatasetCheckError when it failed."""
-        result = self.check_data()
-        if not self._logged:
-            log_result(result)
-            self._logged = True
-        result.raise_if_failed()
-        return result
-
-    def prepare_data(self) -> None:
-        self.verified()  # in the main process, before the first step: a bad dataset stops the run here
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.verified().splits

@@ -20,13 +20,13 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
 from repablate.data.check import (
+    CheckedData,
     CheckedSplit,
     CheckResult,
     CheckSettings,
     DatasetCheckError,
     Entry,
     check_dataset,
-    log_result,
 )
 from repablate.data.images import IMAGE_SUFFIXES, is_hidden, is_image, open_image, walk_files
 from repablate.data.tensors import InMemoryDataModule, TensorBatches, check_positive_int, check_seed, derived_seed
@@ -192,7 +192,7 @@ def class_folders(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if path.is_dir() and not is_hidden(path.name))
 
 
-class ImageFolderDataModule(InMemoryDataModule):
+class ImageFolderDataModule(CheckedData, InMemoryDataModule):
     """Any folder of class sub-folders (torchvision's ImageFolder layout), as RGB ``image_size`` x ``image_size``.
 
     Layout: either ``root/<class>/<image>``, split into train/val/test by ``val_fraction`` and
@@ -244,7 +244,6 @@ class ImageFolderDataModule(InMemoryDataModule):
         self.check_settings = CheckSettings.from_config(check)
         self.report_path = report_path
         self._checked: CheckResult | None = None
-        self._logged = False
 
     def _split_folders(self) -> dict[str, Path]:
         root = self.root.absolute()  # the check names files by absolute path
@@ -299,18 +298,6 @@ class ImageFolderDataModule(InMemoryDataModule):
             skipped=skipped,
         )
         return self._checked
-
-    def verified(self) -> CheckResult:
-        """The check's result, its summary logged once; raises DatasetCheckError when it failed."""
-        result = self.check_data()
-        if not self._logged:
-            log_result(result)
-            self._logged = True
-        result.raise_if_failed()
-        return result
-
-    def prepare_data(self) -> None:
-        self.verified()  # before the first step: an unreadable image stops the run here, named
 
     def _load(self, split: CheckedSplit) -> tuple[torch.Tensor, torch.Tensor]:
         resize = transforms.Compose(
