@@ -36,7 +36,7 @@ def _monitor_step(monitor, model, step, scales):
         for name, branch in (layer.branches() if isinstance(layer, RepConv) else {}).items():
             for p in branch.parameters():
                 p.grad = torch.full_like(p, scales[name])
-    trainer = SimpleNamespace(global_step=step, loggers=[])
+    trainer = SimpleNamespace(global_step=step, loggers=[], is_global_zero=True, world_size=1)
     monitor.on_before_optimizer_step(trainer, SimpleNamespace(model=model, device=torch.device("cpu")), None)
 
 
@@ -90,7 +90,8 @@ def test_deploy_check_fails_loudly_on_a_wrong_fusion(tmp_path):
     check = DeployCheck(tmp_path / "deploy.pt")
     with pytest.raises(DeployMismatchError, match="max_rel_error"):
         check.on_fit_end(
-            SimpleNamespace(datamodule=datamodule, global_step=1), SimpleNamespace(model=model, device="cpu")
+            SimpleNamespace(datamodule=datamodule, global_step=1, is_global_zero=True),
+            SimpleNamespace(model=model, device="cpu"),
         )
     assert not (tmp_path / "deploy.pt").exists()
 
@@ -103,7 +104,8 @@ def test_deploy_check_refuses_a_diverged_model_as_divergence(tmp_path):
     datamodule = SimpleNamespace(val_dataloader=lambda: batches, test_dataloader=lambda: batches)
     with pytest.raises(TrainingDiverged, match=r"1 tensors \(0.rbr_1x1.1.running_var\)") as error:
         DeployCheck(tmp_path / "deploy.pt").on_fit_end(
-            SimpleNamespace(datamodule=datamodule, global_step=7), SimpleNamespace(model=model, device="cpu")
+            SimpleNamespace(datamodule=datamodule, global_step=7, is_global_zero=True),
+            SimpleNamespace(model=model, device="cpu"),
         )
     assert error.value.step == 6 and not (tmp_path / "deploy.pt").exists()
 
@@ -113,8 +115,10 @@ def _guard_steps(guard: DivergenceGuard, losses: list[float], first_step: int = 
     calls it."""
     module = SimpleNamespace(model=nn.Linear(2, 2))
     for step, loss in enumerate(losses, start=first_step):
-        guard.on_before_backward(SimpleNamespace(global_step=step), module, torch.tensor(loss, requires_grad=True))
-        guard.on_train_batch_end(SimpleNamespace(global_step=step + 1), module, None, None, step)
+        guard.on_before_backward(
+            SimpleNamespace(global_step=step, world_size=1), module, torch.tensor(loss, requires_grad=True)
+        )
+        guard.on_train_batch_end(SimpleNamespace(global_step=step + 1, world_size=1), module, None, None, step)
 
 
 def test_divergence_guard_stops_at_the_first_non_finite_loss_on_the_cpu():
@@ -134,7 +138,7 @@ def test_divergence_guard_without_a_sync_per_step_still_names_the_first_bad_step
 
 def test_divergence_guard_checks_the_weights_at_each_epoch_end():
     guard, model = DivergenceGuard(), nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    trainer = SimpleNamespace(current_epoch=4, global_step=50)
+    trainer = SimpleNamespace(current_epoch=4, global_step=50, world_size=1)
     guard.on_train_epoch_end(trainer, SimpleNamespace(model=model))  # finite: nothing happens
     with torch.no_grad():
         model[0].weight[0, 0] = float("nan")
@@ -177,13 +181,22 @@ def test_warmup_schedule_rejects_an_unknown_decay():
 def test_training_throughput_counts_images_over_train_epochs_only():
     throughput = TrainingThroughput()
     assert throughput.run_results() == {"train/images_per_s": None}  # no epoch yet
+    trainer = SimpleNamespace(world_size=1)
     for _ in range(2):
-        throughput.on_train_epoch_start(None, None)
+        throughput.on_train_epoch_start(trainer, None)
         for _ in range(3):
-            throughput.on_train_batch_end(None, None, None, (torch.zeros(4, 1), torch.zeros(4)), 0)
-        throughput.on_train_epoch_end(None, None)
+            throughput.on_train_batch_end(trainer, None, None, (torch.zeros(4, 1), torch.zeros(4)), 0)
+        throughput.on_train_epoch_end(trainer, None)
     assert throughput.images == 24 and throughput.seconds > 0
     assert throughput.run_results() == {"train/images_per_s": 24 / throughput.seconds}
+
+
+def test_training_throughput_counts_every_ddp_process_images():
+    throughput, trainer = TrainingThroughput(), SimpleNamespace(world_size=2)
+    throughput.on_train_epoch_start(trainer, None)
+    throughput.on_train_batch_end(trainer, None, None, (torch.zeros(4, 1), torch.zeros(4)), 0)  # this process's part
+    throughput.on_train_epoch_end(trainer, None)
+    assert throughput.images == 8
 
 
 def test_run_config_goes_into_every_checkpoint():

@@ -39,8 +39,9 @@ class DigitsDataModule(InMemoryDataModule):
         test_size: int = 360,
         split_seed: int = 0,
         eval_batch_size: int | None = None,
+        device_resident: bool = True,
     ):
-        super().__init__(batch_size, seed, eval_batch_size)
+        super().__init__(batch_size, seed, eval_batch_size, device_resident)
         check_positive_int(val_size=val_size, test_size=test_size)
         check_seed(split_seed=split_seed)
         if val_size + test_size > TOTAL - self.num_classes:

@@ -116,8 +116,9 @@ class ShapesDataModule(InMemoryDataModule):
         test_size: int = 1000,
         data_seed: int = 0,
         eval_batch_size: int | None = None,
+        device_resident: bool = True,
     ):
-        super().__init__(batch_size, seed, eval_batch_size)
+        super().__init__(batch_size, seed, eval_batch_size, device_resident)
         if isinstance(difficulty, bool) or not isinstance(difficulty, (int, float)) or not 0 <= difficulty <= 1:
             raise ValueError(f"difficulty={difficulty!r} is not allowed: it must be a number in [0, 1]")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPES):

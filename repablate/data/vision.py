@@ -42,6 +42,8 @@ class Standardize:
         self.augment, self.pad = augment, pad
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.mean.device != images.device:  # data held on the training device: move the statistics once
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         images = images.float().div_(255)
         if self.augment:
             images = random_crop_flip(images, self.pad, generator)
@@ -52,14 +54,15 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator)
     """Each image zero-padded by ``pad``, cropped back to its size at a random offset, flipped with p = 0.5."""
     n, c, h, w = images.shape
     padded = F.pad(images, [pad] * 4)
-    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    columns = torch.arange(w)
+    # Drawn on the CPU generator whatever the images' device: the same crops on every device.
+    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(images.device)
+    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(images.device)
+    columns = torch.arange(w, device=images.device)
     columns = torch.where(flip, w - 1 - columns, columns) + left  # n x w
-    rows = top + torch.arange(h)  # n x h
-    batch = torch.arange(n)[:, None, None, None]
-    channel = torch.arange(c)[None, :, None, None]
+    rows = top + torch.arange(h, device=images.device)  # n x h
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
     return padded[batch, channel, rows[:, None, :, None], columns[:, None, None, :]]
 
 
@@ -103,8 +106,9 @@ class CIFARDataModule(InMemoryDataModule):
         split_seed: int = 0,
         augment: bool = True,
         eval_batch_size: int | None = None,
+        device_resident: bool = True,
     ):
-        super().__init__(batch_size, seed, eval_batch_size)
+        super().__init__(batch_size, seed, eval_batch_size, device_resident)
         if name not in CIFAR:
             raise ValueError(f"name={name!r} is not allowed: use one of {sorted(CIFAR)}")
         check_positive_int(val_size=val_size)
@@ -216,10 +220,11 @@ class ImageFolderDataModule(CheckedData, InMemoryDataModule):
         split_seed: int = 0,
         augment: bool = True,
         eval_batch_size: int | None = None,
+        device_resident: bool = True,
         check: Mapping[str, Any] | None = None,
         report_path: str | Path | None = None,
     ):
-        super().__init__(batch_size, seed, eval_batch_size)
+        super().__init__(batch_size, seed, eval_batch_size, device_resident)
         check_positive_int(image_size=image_size)
         check_seed(split_seed=split_seed)
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -11,6 +11,7 @@ read once the fit has ended (``repablate.train.main`` merges those of every call
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -27,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from repablate.data.tensors import whole_split_loader
 from repablate.nn import equivalence_error, load_state_dict, reparameterize
 from repablate.results import GRADIENT_COLUMNS, write_atomically
 from repablate.train.checkpoints import CheckpointError, check_model_config, read_checkpoint
@@ -123,7 +125,8 @@ class BranchGradientMonitor(Callback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         step = trainer.global_step
-        if not self._layers or step % self.every_n_steps:
+        # Under DDP every process holds the same averaged gradients: the first one watches and writes.
+        if not self._layers or step % self.every_n_steps or not trainer.is_global_zero:
             return
         zero = torch.zeros((), device=pl_module.device)
         norms = torch.stack(
@@ -231,7 +234,10 @@ class DivergenceGuard(Callback):
         step = trainer.global_step
         sync = self.sync_every_step if self.sync_every_step is not None else loss.device.type == "cpu"
         if sync:
-            if not math.isfinite(loss.item()):  # a few microseconds: the cheapest test of a CPU scalar
+            bad = not math.isfinite(loss.item())  # a few microseconds: the cheapest test of a CPU scalar
+            if trainer.world_size > 1:  # DDP: every process stops at the same step, or the others would hang
+                bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+            if bad:
                 raise self._loss_error(loss, step)
             return
         if self._first_bad_step is None:
@@ -245,15 +251,23 @@ class DivergenceGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
     ) -> None:
         if trainer.global_step % self.check_every_n_steps == 0:
-            self._raise_if_a_loss_was_bad()
+            self._raise_if_a_loss_was_bad(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._raise_if_a_loss_was_bad()
+        self._raise_if_a_loss_was_bad(trainer)
         raise_if_nonfinite(pl_module.model, f"after epoch {trainer.current_epoch}", trainer.global_step)
 
-    def _raise_if_a_loss_was_bad(self) -> None:
-        if self._first_bad_step is not None and (step := int(self._first_bad_step)) >= 0:  # the one sync
+    def _raise_if_a_loss_was_bad(self, trainer: pl.Trainer) -> None:
+        step = int(self._first_bad_step) if self._first_bad_step is not None else -1  # the one sync
+        bad = step >= 0
+        if trainer.world_size > 1:  # DDP: all processes check at the same steps and stop together
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad and step >= 0:
             raise self._loss_error(self._first_bad_loss, step)
+        if bad:
+            raise TrainingDiverged(
+                "the training loss of another DDP process was NaN or infinite: training diverged", None
+            )
 
     @staticmethod
     def _loss_error(loss: torch.Tensor, step: int) -> TrainingDiverged:
@@ -367,12 +381,18 @@ class DeployCheck(Callback):
         model = pl_module.model
         # A diverged model would "fuse" into NaN weights and be saved as deploy.pt: refuse it as divergence.
         raise_if_nonfinite(model, "at the end of training", trainer.global_step)
+        if not trainer.is_global_zero:  # under DDP the first process checks alone, on whole batches
+            return
+        trained_dtype = next(model.parameters()).dtype
+        if trained_dtype != torch.float32:  # e.g. precision=bf16-true: the proof is made in float32 all the same
+            model = copy.deepcopy(model).float()
         deployed = reparameterize(model)
         datamodule = trainer.datamodule
-        self.results = self._equivalence(model, deployed, datamodule.val_dataloader(), pl_module.device)
-        loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
+        loaders = {split: whole_split_loader(datamodule, split) for split in ("val", "test")}
+        self.results = self._equivalence(model, deployed, loaders["val"], pl_module.device)
         for split, loader in loaders.items():
             self._compare_metrics(split, pl_module.evaluate(model, loader), pl_module.evaluate(deployed, loader))
+        self.results.update(self._at_precision(trainer, pl_module, deployed, loaders))
         from repablate.bench import measure_forms  # measurement is costly to import; only needed here
 
         bench = {"device": pl_module.device, **self.bench}  # measured where it trained unless bench says otherwise
@@ -383,11 +403,30 @@ class DeployCheck(Callback):
             self.results.update(self._export(deployed, pl_module, datamodule))
         _log_to_loggers(trainer, _scalars(self.results))
 
+    def _at_precision(self, trainer: pl.Trainer, pl_module: pl.LightningModule, deployed: nn.Module, loaders):
+        """Both forms' metrics under the precision the run trained with, as it would deploy them: under its
+        autocast for a mixed precision, in its dtype for a "-true" one (``at_precision/...``). In float32 these are
+        the float32 figures."""
+        results: dict[str, Any] = {"at_precision/name": str(trainer.precision)}
+        trained_dtype = next(pl_module.model.parameters()).dtype
+        if str(trainer.precision) in ("32", "32-true"):
+            figures = {
+                key: value for key, value in self.results.items() if key.startswith(("train_form/", "deploy_form/"))
+            }
+            return results | {f"at_precision/{key}": value for key, value in figures.items()}
+        deployed = copy.deepcopy(deployed).to(trained_dtype)
+        with trainer.precision_plugin.forward_context():
+            for split, loader in loaders.items():
+                for form, model in (("train_form", pl_module.model), ("deploy_form", deployed)):
+                    for name, value in pl_module.evaluate(model, loader).items():
+                        results[f"at_precision/{form}/{split}/{name}"] = value
+        return results
+
     def _export(self, deployed: nn.Module, pl_module: pl.LightningModule, datamodule) -> dict[str, Any]:
         from repablate.export import export_and_check  # ONNX and ONNX Runtime are costly to import
 
         def evaluate(graph: nn.Module) -> dict[str, float]:
-            loaders = {"val": datamodule.val_dataloader(), "test": datamodule.test_dataloader()}
+            loaders = {split: whole_split_loader(datamodule, split) for split in ("val", "test")}
             return {
                 f"{split}/{name}": value
                 for split, loader in loaders.items()
@@ -397,7 +436,8 @@ class DeployCheck(Callback):
         calibration = None
         if self.int8:  # inputs only, the first batches in the loader's order (shuffled or not, any fixed batches do)
             calibration = [
-                batch_inputs(batch) for batch in islice(datamodule.train_dataloader(), self.calibration_batches)
+                batch_inputs(batch)
+                for batch in islice(whole_split_loader(datamodule, "train"), self.calibration_batches)
             ]
         options = {"tolerance": self.max_rel_error, **self.export_options}
         with _quiet(EXPORTER_LOGGERS):
@@ -496,7 +536,7 @@ class TrainingThroughput(Callback):
         self._epoch_start = self._last_batch_end = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.images += len(batch_inputs(batch))
+        self.images += len(batch_inputs(batch)) * trainer.world_size  # under DDP: every process's part
         self._last_batch_end = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

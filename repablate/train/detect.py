@@ -55,9 +55,11 @@ def targets_per_image(targets: torch.Tensor, batch_size: int) -> list[dict[str, 
     ]
 
 
-def map_metric() -> MeanAveragePrecision:
-    """COCO mAP over IoU 0.5:0.95 (and at 0.5) for xyxy boxes."""
-    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+def map_metric(sync_on_compute: bool = True) -> MeanAveragePrecision:
+    """COCO mAP over IoU 0.5:0.95 (and at 0.5) for xyxy boxes; ``sync_on_compute``: gathered over DDP processes."""
+    return MeanAveragePrecision(
+        box_format="xyxy", iou_type="bbox", backend="pycocotools", sync_on_compute=sync_on_compute
+    )
 
 
 class DetectionModule(TaskModule):
@@ -72,6 +74,7 @@ class DetectionModule(TaskModule):
         lr_scale: multiplies the optimizer's learning rate.
         box_gain, obj_gain, cls_gain, anchor_t: of the loss (hyp.scratch.tiny by default).
         conf_threshold, iou_threshold, max_detections: of NMS for evaluation.
+        channels_last, compile, compile_options: as in ``TaskModule``.
     """
 
     def __init__(
@@ -90,8 +93,22 @@ class DetectionModule(TaskModule):
         conf_threshold: float = 0.001,
         iou_threshold: float = 0.65,
         max_detections: int = 100,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: dict | None = None,
     ):
-        super().__init__(model, optimizer, scheduler, num_classes, in_channels, image_size, lr_scale)
+        super().__init__(
+            model,
+            optimizer,
+            scheduler,
+            num_classes,
+            in_channels,
+            image_size,
+            lr_scale,
+            channels_last,
+            compile,
+            compile_options,
+        )
         head = getattr(model, "detect", None)
         if head is None or not hasattr(head, "anchors"):
             raise ValueError(f"model {type(model).__name__} has no YOLO head: expected model.detect with anchors")
@@ -114,14 +131,14 @@ class DetectionModule(TaskModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, targets = batch
-        loss, parts = self.loss(self.model(images), targets)
+        loss, parts = self.loss(self.run_model(images), targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         self.log_dict({f"train/{name}": value for name, value in parts.items()}, batch_size=len(images))
         return loss
 
     def _eval_step(self, batch, metric: MeanAveragePrecision, stage: str) -> None:
         images, targets = batch
-        decoded, raw = self.model(images)
+        decoded, raw = self.run_model(images)
         loss, _ = self.loss(raw, targets)
         self.log(f"{stage}/loss", loss, batch_size=len(images))
         metric.update(postprocess(decoded, **self.nms), targets_per_image(targets, len(images)))
@@ -145,8 +162,8 @@ class DetectionModule(TaskModule):
         self.test_map.reset()
         self.log_dict({"test/map50": result["map_50"], "test/map": result["map"]})
 
-    def new_metric(self) -> MeanAveragePrecision:
-        return map_metric()
+    def new_metric(self, sync_on_compute: bool = True) -> MeanAveragePrecision:
+        return map_metric(sync_on_compute)
 
     def update_metric(self, metric: MeanAveragePrecision, outputs, targets: torch.Tensor) -> None:
         decoded, _ = outputs  # eval mode: (decoded, raw)

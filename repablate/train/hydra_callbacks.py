@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from repablate.results import SWEEP_JOBS_FILE, write_json
+from repablate.train.distributed import launched_rank
 from repablate.train.validation import ConfigError, check_run_dir_is_new, check_sweep_dir_is_new
 from repablate.train.variants import VariantContradiction, check_variant
 
@@ -70,7 +71,8 @@ class RunDirectoryGuard(HydraCallback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_variant(config, config.hydra)
-            check_run_dir_is_new(Path(config.hydra.run.dir))
+            if launched_rank() == 0:  # another DDP process of this run shares the first one's directory
+                check_run_dir_is_new(Path(config.hydra.run.dir))
         except ConfigError as error:
             raise SystemExit(str(error)) from None  # one line on stderr, exit status 1
 

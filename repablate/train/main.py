@@ -32,6 +32,7 @@ import repablate
 from repablate.paths import conf_dir
 from repablate.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RESULTS_FILE, flatten, write_json
 from repablate.train.console import quiet_console, quiet_wandb, run_summary
+from repablate.train.distributed import ddp_processes, launched_rank
 from repablate.train.failures import RunInterrupted, as_interruption, dataloader_worker_error, interrupt_on_signals
 from repablate.train.validation import ConfigError, check_run_dir_is_new, validate
 from repablate.train.variants import check_variant, choice_fields
@@ -108,7 +109,12 @@ def _collect(trainer, module, callbacks) -> dict[str, Any]:
     for callback in callbacks:
         if hasattr(callback, "run_results"):
             record.update(callback.run_results())
-    record.update(epochs=trainer.current_epoch, global_step=trainer.global_step, device=_device_name(module.device))
+    record.update(
+        epochs=trainer.current_epoch,
+        global_step=trainer.global_step,
+        device=_device_name(module.device),
+        processes=trainer.world_size,
+    )
     return record
 
 
@@ -142,6 +148,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     import lightning.pytorch as pl
     import torch
 
+    from repablate.data.tensors import InMemoryDataModule
     from repablate.train.callbacks import DeployCheck, RunConfigInCheckpoints, TrainingThroughput
 
     quiet_console()
@@ -163,6 +170,18 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
     loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
     quiet_wandb(loggers)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu" and cfg.trainer.get("sync_batchnorm"):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true is not allowed on the CPU: torch's SyncBatchNorm needs GPUs. Set "
+            "trainer.sync_batchnorm=false (each process then normalizes over its part of the batch, so the run "
+            "differs from one process by more than float noise; docs/RUNS.md#ddp)"
+        )
+    if trainer.world_size > 1 and not isinstance(datamodule, InMemoryDataModule):
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.get('strategy')!r} with {trainer.world_size} processes is not allowed "
+            f"with {type(datamodule).__name__}: DDP here splits each global batch of the in-memory datasets "
+            "(digits, shapes, cifar, imagefolder); detection data is not split among processes"
+        )
     return Assembly(datamodule, module, callbacks, loggers, trainer)
 
 
@@ -177,8 +196,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     SIGTERMException is re-raised as ``RunInterrupted``) or "failed" (anything else), see docs/FAILURE_MODES.md.
     """
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    primary = launched_rank() == 0  # under DDP the other processes train alongside and write nothing
     try:
-        check_run_dir_is_new(run_dir)
+        if primary:
+            check_run_dir_is_new(run_dir)
         if HydraConfig.initialized():
             check_variant(cfg, HydraConfig.get())
     except ConfigError as error:
@@ -208,14 +230,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         import torch
 
         record["torch_version"] = torch.__version__
-        parts = assemble(cfg, config)
-        # weights_only: a checkpoint to resume from is loaded as tensors and plain data, never as code to run.
-        parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        record.update(_metrics(parts.trainer))  # the last logged train/val metrics; test() replaces them
-        record.update(_collect(parts.trainer, parts.module, parts.callbacks))
-        parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
-        record.update(_metrics(parts.trainer))
-        record["status"] = COMPLETED
+        with ddp_processes(cfg.trainer, run_dir, overrides):  # starts the other DDP processes when it must
+            parts = assemble(cfg, config)
+            # weights_only: a checkpoint to resume from is loaded as tensors and plain data, never as code to run.
+            parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+            record.update(_metrics(parts.trainer))  # the last logged train/val metrics; test() replaces them
+            record.update(_collect(parts.trainer, parts.module, parts.callbacks))
+            parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
+            record.update(_metrics(parts.trainer))
+            record["status"] = COMPLETED
     except BaseException as error:
         interruption = as_interruption(error)
         if isinstance(error, TrainingDiverged):
@@ -249,10 +272,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         record.update(
             finished_at=datetime.fromtimestamp(finished, timezone.utc).isoformat(), wall_time_s=finished - started
         )
-        write_json(run_dir / RESULTS_FILE, record)
-        if parts is not None:
-            _finish_wandb(parts.loggers, record)
-        log.info("%s", run_summary(record, run_dir / RESULTS_FILE))  # the last lines of every run
+        if primary:
+            write_json(run_dir / RESULTS_FILE, record)
+            if parts is not None:
+                _finish_wandb(parts.loggers, record)
+            log.info("%s", run_summary(record, run_dir / RESULTS_FILE))  # the last lines of every run
     return record
 
 

@@ -32,6 +32,10 @@ class TaskModule(pl.LightningModule):
         scheduler: ``scheduler(optimizer, total_steps=, steps_per_epoch=)`` builds a per-step schedule, or None.
         num_classes, in_channels, image_size: of the data.
         lr_scale: multiplies the optimizer's learning rate (the article's advice for RepConv is 0.75).
+        channels_last: keep the model's weights and each batch's images in the channels-last memory format (faster
+            convolutions on tensor-core GPUs).
+        compile: train with ``torch.compile(model, **compile_options)``; the steps call ``run_model``, which uses
+            it. ``self.model`` stays the eager module: checkpoints, the deploy check and the measurements see it.
     """
 
     def __init__(
@@ -43,33 +47,57 @@ class TaskModule(pl.LightningModule):
         in_channels: int,
         image_size: int,
         lr_scale: float,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
     ):
         super().__init__()
         if not lr_scale > 0:
             raise ValueError(f"lr_scale={lr_scale!r} is not allowed: it must be a positive number")
+        for name, value in (("channels_last", channels_last), ("compile", compile)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be true or false")
         self.model = model
         self.optimizer_factory, self.scheduler_factory, self.lr_scale = optimizer, scheduler, lr_scale
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.channels_last = channels_last
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        # Kept out of the module tree (not a submodule): the compiled wrapper shares self.model's parameters and
+        # would otherwise add a second copy of every key to the state dict.
+        self.__dict__["_compiled_model"] = torch.compile(model, **(compile_options or {})) if compile else None
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.model(x)
 
+    def run_model(self, x: torch.Tensor) -> Any:
+        """The model's output in the training, validation and test steps: compiled with ``compile``, else eager;
+        with ``channels_last``, ``x`` is first put in that memory format (on the device, a no-op when it is)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        compiled = self.__dict__["_compiled_model"]
+        return self.model(x) if compiled is None else compiled(x)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataloader: Iterable) -> dict[str, float]:
         """The task's metrics of ``model`` (either form) over ``dataloader``'s (inputs, targets) batches, on this
-        module's device, in eval mode and without gradients; ``model``'s mode is restored afterwards."""
-        metric = self.new_metric().to(self.device)
+        module's device, in eval mode and without gradients; ``model``'s mode is restored afterwards. The loader's
+        batches are all there is: under DDP nothing is gathered from the other processes (the deploy check runs in
+        the first process alone, on whole batches)."""
+        metric = self.new_metric(sync_on_compute=False).to(self.device)
+        dtype = next(model.parameters()).dtype  # a model held in bfloat16 (precision=bf16-true) gets bf16 inputs
         was_training = model.training
         model.eval()
         try:
             for inputs, targets in dataloader:
-                self.update_metric(metric, model(inputs.to(self.device)), targets.to(self.device))
+                inputs = inputs.to(self.device, dtype) if inputs.is_floating_point() else inputs.to(self.device)
+                self.update_metric(metric, model(inputs), targets.to(self.device))
         finally:
             model.train(was_training)
         return self.metric_results(metric)
 
-    def new_metric(self) -> Metric:
-        """A fresh metric for one evaluation."""
+    def new_metric(self, sync_on_compute: bool = True) -> Metric:
+        """A fresh metric; ``sync_on_compute``: computed over every DDP process's updates (torchmetrics)."""
         raise NotImplementedError
 
     def update_metric(self, metric: Metric, outputs: Any, targets: torch.Tensor) -> None:

@@ -52,6 +52,9 @@ def validate(cfg: DictConfig) -> None:
     threads = cfg.get("threads")
     if threads is not None and not (_is_integer(threads) and threads >= 1):
         raise ConfigError(f"threads={threads!r} is not allowed: use a positive integer, or null for torch's default")
+    for switch in ("channels_last", "compile"):
+        if not isinstance(cfg.get(switch, False), bool):
+            raise ConfigError(f"{switch}={cfg.get(switch)!r} is not allowed: use true or false")
     root = cfg.data.get("root")
     if root is not None and not cfg.data.get("download", False) and not Path(root).exists():
         raise ConfigError(

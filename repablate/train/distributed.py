@@ -1,0 +1,142 @@
+"""DDP under Hydra: one run directory, one results.json, one wandb run, one deploy check (``trainer=ddp``).
+
+Lightning's DDP starts the other processes of a machine by re-running the entry point with the command line's
+arguments. Under Hydra that re-runs a whole sweep (``-m``, or a sweep file's ``hydra.mode``) and resolves the run
+directory again (a new time and random suffix). Here the first process starts the others itself, before the Trainer
+exists (``ddp_processes``): each re-composes exactly this job (its overrides, in RUN mode) into this run directory
+without writing a second ``.hydra/``; Lightning then finds the rendezvous in the environment and joins them, as it
+does under torchrun or SLURM (which start every process themselves; then nothing is started here). Every process
+trains; only global rank 0 checks, measures and writes (``launched_rank``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# What a DDP process reads to find the others; set for the first process while its job runs, then restored.
+RENDEZVOUS_KEYS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK")
+SPAWNING_STRATEGIES = ("ddp", "ddp_find_unused_parameters_true")  # strategies that start processes by a script
+CHILD_WAIT_S = 120  # how long the first process waits for the others to exit after its run
+
+
+def launched_rank(environ: dict[str, str] | None = None) -> int:
+    """This process's global rank when it was started as one process of a DDP job (by ``ddp_processes``, torchrun
+    or SLURM with several tasks); 0 otherwise."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env:  # torchrun
+        return int(env["RANK"])
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"])
+    local, node = int(env.get("LOCAL_RANK", "0")), int(env.get("NODE_RANK", "0"))
+    return local + node * int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+
+
+def started_externally(environ: dict[str, str] | None = None) -> bool:
+    """True when something outside this process started (or will start) the job's other DDP processes."""
+    env = os.environ if environ is None else environ
+    return "LOCAL_RANK" in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+
+
+def processes_to_start(trainer_cfg: Any) -> int:
+    """How many processes a run with ``trainer_cfg`` (the config's ``trainer`` node) has on this machine when this
+    process must start them: ``devices`` for Lightning's script-launched DDP on one node, else 1."""
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str) or strategy not in SPAWNING_STRATEGIES or started_externally():
+        return 1
+    if trainer_cfg.get("num_nodes", 1) != 1:
+        raise ValueError(
+            f"trainer.num_nodes={trainer_cfg.get('num_nodes')} is not allowed here: a DDP job on several nodes is "
+            "started by the cluster, one process per device (+launcher=slurm trainer=ddp, or torchrun), not from "
+            "one command on one machine"
+        )
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        return len(devices)
+    raise ValueError(
+        f"trainer.devices={devices!r} is not allowed with trainer.strategy={strategy}: give the number of "
+        "processes (e.g. trainer.devices=2) or a list of GPU indices"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_command(overrides: list[str], run_dir: Path, rank: int) -> list[str]:
+    """The command that starts process ``rank`` of the job with ``overrides`` (its Hydra task overrides) in
+    ``run_dir``: the same composition, in RUN mode, without a second ``.hydra/`` folder."""
+    return [
+        sys.executable,
+        "-m",
+        "repablate",
+        *overrides,
+        "hydra.mode=RUN",
+        f'hydra.run.dir="{run_dir}"',
+        "hydra.output_subdir=null",
+        f"hydra.job.name=ddp_rank_{rank}",
+    ]
+
+
+@contextmanager
+def ddp_processes(trainer_cfg: Any, run_dir: Path, overrides: list[str]) -> Iterator[int]:
+    """Start the other processes of this run's DDP job on this machine, if this process must (see the module
+    docstring); yields the number of processes. Their console output goes to ``run_dir/ddp_rank_<r>.out``. On the
+    way out the environment is restored (a sweep's next job starts its own processes) and the others are waited
+    for, or stopped when this process's run did not complete."""
+    count = processes_to_start(trainer_cfg)
+    if count == 1:
+        yield 1
+        return
+    saved = {key: os.environ.get(key) for key in RENDEZVOUS_KEYS}
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(count)}
+    os.environ.update(rendezvous, NODE_RANK="0", LOCAL_RANK="0")
+    children: list[subprocess.Popen] = []
+    completed = False
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for rank in range(1, count):
+            with open(run_dir / f"ddp_rank_{rank}.out", "wb") as output:
+                env = {**os.environ, "LOCAL_RANK": str(rank)}
+                children.append(
+                    subprocess.Popen(child_command(overrides, run_dir, rank), env=env, stdout=output, stderr=output)
+                )
+        yield count
+        completed = True
+    finally:
+        _end_children(children, completed)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # Lightning leaves the group; the next job needs its own
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _end_children(children: list[subprocess.Popen], completed: bool) -> None:
+    for rank, child in enumerate(children, start=1):
+        if not completed and child.poll() is None:
+            child.terminate()
+        try:
+            code = child.wait(timeout=CHILD_WAIT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+        if completed and code != 0:
+            log.warning("DDP process %d exited with status %d (its output: ddp_rank_%d.out)", rank, code, rank)
