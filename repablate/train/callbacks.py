@@ -121,6 +121,11 @@ class BranchGradientMonitor(Callback):
             if len(branches) > 1:  # one branch has a share of 1 by definition: nothing to watch
                 params = {b: [p for p in m.parameters() if p.requires_grad] for b, m in branches.items()}
                 self._layers.append((name, params))
+        self._params, self._spans = [], []  # every branch's parameters in order, and each branch's slice of them
+        for _, branches in self._layers:
+            for params in branches.values():
+                self._spans.append((len(self._params), len(self._params) + len(params)))
+                self._params += params
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -128,14 +133,12 @@ class BranchGradientMonitor(Callback):
         # Under DDP every process holds the same averaged gradients: the first one watches and writes.
         if not self._layers or step % self.every_n_steps or not trainer.is_global_zero:
             return
+        # Two batched norm calls for the whole model (per parameter, then per branch) and one device sync.
         zero = torch.zeros((), device=pl_module.device)
-        norms = torch.stack(
-            [
-                torch.linalg.vector_norm(torch.stack([p.grad.norm() if p.grad is not None else zero for p in params]))
-                for _, branches in self._layers
-                for params in branches.values()
-            ]
-        ).tolist()  # one device sync for the whole model
+        grads = [p.grad if p.grad is not None else zero for p in self._params]
+        param_norms = torch._foreach_norm(grads)
+        branch_norms = torch._foreach_norm([torch.stack(param_norms[i:j]) for i, j in self._spans])
+        norms = torch.stack(branch_norms).tolist()
         aggregate: dict[str, list[float]] = defaultdict(list)
         index = 0
         for layer, branches in self._layers:

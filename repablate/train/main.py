@@ -150,6 +150,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
 
     from repablate.data.tensors import InMemoryDataModule
     from repablate.train.callbacks import DeployCheck, RunConfigInCheckpoints, TrainingThroughput
+    from repablate.train.profiler import NoProfiler
 
     quiet_console()
     validate(cfg)
@@ -169,7 +170,8 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
         deploy_check.run_config = config  # deploy.pt holds it, and the check rebuilds the deployed model from it
     loggers = [instantiate(node) for node in cfg.logger.values() if node is not None]
     quiet_wandb(loggers)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    profiler = {} if cfg.trainer.get("profiler") else {"profiler": NoProfiler()}  # Lightning's default, cheaper
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **profiler)
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu" and cfg.trainer.get("sync_batchnorm"):
         raise ConfigError(
             "trainer.sync_batchnorm=true is not allowed on the CPU: torch's SyncBatchNorm needs GPUs. Set "

@@ -78,6 +78,11 @@ class TaskModule(pl.LightningModule):
         compiled = self.__dict__["_compiled_model"]
         return self.model(x) if compiled is None else compiled(x)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's, skipped without a clip value (then it clips nothing): saves its argument checks every step."""
+        if gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataloader: Iterable) -> dict[str, float]:
         """The task's metrics of ``model`` (either form) over ``dataloader``'s (inputs, targets) batches, on this
