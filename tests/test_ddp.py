@@ -179,3 +179,46 @@ def test_the_processes_to_start_and_their_command(monkeypatch, tmp_path):
     assert command[1:5] == ["-m", "repablate", "+variant=repconv", "seed=1"]
     assert "hydra.mode=RUN" in command and f'hydra.run.dir="{tmp_path}"' in command
     assert "hydra.output_subdir=null" in command
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs of the processes whose command line contains ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # a process that ended while we looked
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_started_process_ends_when_the_first_process_is_killed(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "repablate", *COMMON, *DDP, "trainer.max_epochs=50", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = f'hydra.run.dir="{run_dir}"'  # only the started process has it quoted this way (child_command)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.csv").exists() and time.monotonic() < deadline:  # training has started
+            time.sleep(0.5)
+        started = _processes_with(marker)
+        assert len(started) == 1, "the second DDP process was not found"
+        first.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can tell the other process
+        first.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while _processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _processes_with(marker), "the second DDP process outlived the first"
+    finally:
+        first.kill()
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)

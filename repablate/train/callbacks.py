@@ -346,6 +346,11 @@ class DeployCheck(Callback):
        model's by more than ``metric_atol`` fails the run. ``int8/drop`` is the fused model's test metric minus
        the INT8 graph's, for the task's first metric (``acc``; ``map50`` for detection).
 
+    Steps 1 and 2 run in float32 whatever the training precision (a float32 copy of a model trained in
+    ``bf16-true``); both forms are then evaluated at the run's precision (``at_precision/...``: under its autocast,
+    or in its dtype), as they would deploy. Under DDP the first process checks alone, on whole batches
+    (``whole_split_loader``); the others go on to the test.
+
     ``run_config`` (the resolved run config, a plain dict) is set by the entry point; without it step 4 saves
     no config and skips the verification. ``run_results()``: the figures of steps 1-3 and 5 (flat, results.json's
     keys).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +71,15 @@ def processes_to_start(trainer_cfg: Any) -> int:
     )
 
 
+def _end_with_parent() -> None:
+    """In a started process, before it runs (Linux): SIGTERM when the first process dies, however it dies, so that
+    no process is left waiting for a rendezvous that will not come."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -112,7 +122,13 @@ def ddp_processes(trainer_cfg: Any, run_dir: Path, overrides: list[str]) -> Iter
             with open(run_dir / f"ddp_rank_{rank}.out", "wb") as output:
                 env = {**os.environ, "LOCAL_RANK": str(rank)}
                 children.append(
-                    subprocess.Popen(child_command(overrides, run_dir, rank), env=env, stdout=output, stderr=output)
+                    subprocess.Popen(
+                        child_command(overrides, run_dir, rank),
+                        env=env,
+                        stdout=output,
+                        stderr=output,
+                        preexec_fn=_end_with_parent if sys.platform == "linux" else None,
+                    )
                 )
         yield count
         completed = True
