@@ -90,12 +90,15 @@ class TaskModule(pl.LightningModule):
         batches are all there is: under DDP nothing is gathered from the other processes (the deploy check runs in
         the first process alone, on whole batches)."""
         metric = self.new_metric(sync_on_compute=False).to(self.device)
-        dtype = next(model.parameters()).dtype  # a model held in bfloat16 (precision=bf16-true) gets bf16 inputs
+        # A model held in bfloat16 (precision=bf16-true) gets bf16 inputs; one without parameters (an ONNX graph's
+        # wrapper) gets them as they come.
+        dtype = next((parameter.dtype for parameter in model.parameters()), None)
         was_training = model.training
         model.eval()
         try:
             for inputs, targets in dataloader:
-                inputs = inputs.to(self.device, dtype) if inputs.is_floating_point() else inputs.to(self.device)
+                float_inputs = dtype is not None and inputs.is_floating_point()
+                inputs = inputs.to(self.device, dtype) if float_inputs else inputs.to(self.device)
                 self.update_metric(metric, model(inputs), targets.to(self.device))
         finally:
             model.train(was_training)
