@@ -45,9 +45,9 @@ class StopAfterEpochs(Callback):
         trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
 
 
-def _repablate(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _repablate(cwd: Path, *overrides: str, timeout: int = 600, **environ: str) -> subprocess.CompletedProcess:
     # PYTHONPATH: the stop callback above is importable in every process of the run
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), **environ}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
         env.pop(key, None)
     return subprocess.run(
@@ -70,7 +70,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     resumed under DDP."""
     root = tmp_path_factory.mktemp("ddp")
     made = {}
-    sweep = _repablate(root, "-m", *COMMON, *DDP, "trainer.max_epochs=2", "hydra.sweep.dir=sweep")
+    # wandb offline here (in a temp dir): a DDP run must make one wandb run, not one per process
+    with_wandb = [o for o in COMMON if o != "logger=csv"]
+    wandb_dir = root / "wandb-home"
+    wandb_dir.mkdir()
+    sweep = _repablate(
+        root, "-m", *with_wandb, *DDP, "trainer.max_epochs=2", "hydra.sweep.dir=sweep", WANDB_MODE="offline",
+        WANDB_DIR=str(wandb_dir), WANDB_CONFIG_DIR=str(wandb_dir), WANDB_CACHE_DIR=str(wandb_dir),
+    )  # fmt: skip
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
     made["sweep"] = root / "sweep"
     single = root / "single"
@@ -110,6 +117,7 @@ def test_a_ddp_sweep_job_writes_one_run_directory_and_one_record(runs):
     assert record["equivalence/max_rel"] < 1e-5 and "deploy_form/test/acc" in record  # one deploy check, in rank 0
     assert len(list(sweep.rglob("results.json"))) == 1 and len(list(sweep.rglob(".hydra"))) == 1
     assert (job / "ddp_rank_1.out").is_file() and (job / "checkpoints" / "deploy.pt").is_file()
+    assert len(list(job.glob("wandb/offline-run-*"))) == 1  # one wandb run for the two processes
     assert json.loads((sweep / "sweep_jobs.json").read_text())["jobs"][0]["overrides"][0] == "+variant=repconv"
 
 
