@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
 
 from repablate.data.tensors import SeededBatchSampler
 from repablate.train.distributed import child_command, launched_rank, processes_to_start
@@ -43,6 +44,14 @@ class StopAfterEpochs(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.should_stop = trainer.current_epoch + 1 >= self.epochs
+
+
+class FailInStartedProcess(Callback):
+    """Raises while the run is assembled, in a started DDP process only (before the rendezvous)."""
+
+    def __init__(self):
+        if os.environ.get("LOCAL_RANK", "0") != "0":
+            raise RuntimeError("failing on purpose in the started process")
 
 
 def _repablate(cwd: Path, *overrides: str, timeout: int = 600, **environ: str) -> subprocess.CompletedProcess:
@@ -141,7 +150,7 @@ def test_a_ddp_run_resumed_under_ddp_continues_exactly(runs):
     uninterrupted, continued = _parameters(job), _parameters(runs["resumed"])
     for key in uninterrupted:
         torch.testing.assert_close(continued[key], uninterrupted[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert not (runs["first"] / "ddp_rank_1").exists() and len(list(runs["resumed"].glob("results.json"))) == 1
+    assert (runs["resumed"] / "ddp_rank_1.out").is_file() and _results(runs["first"])["processes"] == 2
 
 
 def test_each_process_draws_its_part_of_every_one_process_batch():
@@ -178,6 +187,13 @@ def test_the_processes_to_start_and_their_command(monkeypatch, tmp_path):
     assert processes_to_start({"strategy": "ddp", "devices": 4, "num_nodes": 1}) == 4
     assert processes_to_start({"strategy": "ddp", "devices": [0, 2], "num_nodes": 1}) == 2
     assert processes_to_start({"strategy": "auto", "devices": 1}) == 1
+    assert processes_to_start({"strategy": "auto", "devices": 2, "num_nodes": 1}) == 2  # Lightning's auto is DDP
+    node = OmegaConf.create({"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "devices": 3})
+    assert processes_to_start(node) == 3  # conf/trainer/ddp.yaml's form
+    if not torch.cuda.is_available():
+        assert processes_to_start({"strategy": "auto", "devices": "auto", "accelerator": "auto"}) == 1
+    with pytest.raises(ValueError, match="trainer.devices='two' is not allowed"):
+        processes_to_start({"strategy": "ddp", "devices": "two"})
     with pytest.raises(ValueError, match="trainer.num_nodes=2 is not allowed here"):
         processes_to_start({"strategy": "ddp", "devices": 4, "num_nodes": 2})
     monkeypatch.setenv("SLURM_NTASKS", "8")  # SLURM started every process: none to start here
@@ -230,3 +246,28 @@ def test_the_started_process_ends_when_the_first_process_is_killed(tmp_path):
         first.kill()
         for pid in _processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_started_process_that_fails_fails_the_run_naming_it(tmp_path):
+    run_dir = tmp_path / "run"
+    failing = [f"+callbacks.fail._target_={__name__}.FailInStartedProcess", "trainer.strategy.timeout.minutes=0.5"]
+    done = _repablate(tmp_path, *COMMON, *DDP, "trainer.max_epochs=1", *failing, f"hydra.run.dir={run_dir}")
+    record = _results(run_dir)
+    # The first process waits at the rendezvous until the strategy's timeout (30 s here), then records the cause.
+    assert done.returncode == 1 and record["status"] == "failed"
+    assert record["error"] == "DDPProcessFailed: DDP process 1 exited with status 1 (its output: ddp_rank_1.out)"
+    assert "failing on purpose in the started process" in (run_dir / "ddp_rank_1.out").read_text()
+
+
+def test_an_eval_batch_smaller_than_the_processes_is_refused():
+    from types import SimpleNamespace
+
+    from repablate.data import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64, eval_batch_size=1)
+    data.trainer = SimpleNamespace(
+        global_rank=0, world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu"))
+    )
+    with pytest.raises(ValueError, match="eval_batch_size=1 is not allowed with 2 processes and a val split of 180"):
+        data.val_dataloader()

@@ -218,6 +218,11 @@ class InMemoryDataModule(L.LightningDataModule):
                 f"batch_size={self.batch_size} is not allowed with {world_size} processes: the global batch is split "
                 f"among them, so it must be a multiple of {world_size}"
             )
+        if not train and min(batch_size, len(data)) < world_size:  # a process with no batch at all would hang DDP
+            raise ValueError(
+                f"eval_batch_size={batch_size} is not allowed with {world_size} processes and a {split} split of "
+                f"{len(data)}: every process needs a part of every batch, so both must be at least {world_size}"
+            )
         return batch_loader(data, batch_size, train, self.seed, train, rank, world_size)
 
     def train_dataloader(self) -> DataLoader:

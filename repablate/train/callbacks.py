@@ -115,6 +115,8 @@ class BranchGradientMonitor(Callback):
         self._share_min: dict[str, float] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer is not None and not trainer.is_global_zero:  # under DDP only the first process writes the CSV
+            self.csv_path = None
         self._layers = []
         for name, module in pl_module.model.named_modules():
             branches = module.branches() if callable(getattr(module, "branches", None)) else {}
@@ -386,11 +388,20 @@ class DeployCheck(Callback):
         return dict(self.results)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = pl_module.model
         # A diverged model would "fuse" into NaN weights and be saved as deploy.pt: refuse it as divergence.
-        raise_if_nonfinite(model, "at the end of training", trainer.global_step)
+        raise_if_nonfinite(pl_module.model, "at the end of training", trainer.global_step)
         if not trainer.is_global_zero:  # under DDP the first process checks alone, on whole batches
             return
+        # Lightning's teardown has moved the module to the CPU before on_fit_end: check, evaluate (at the run's
+        # precision, whose autocast is the training device's) and measure where it trained, then put it back.
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self._check(trainer, pl_module)
+        finally:
+            pl_module.cpu()
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
         trained_dtype = next(model.parameters()).dtype
         if trained_dtype != torch.float32:  # e.g. precision=bf16-true: the proof is made in float32 all the same
             model = copy.deepcopy(model).float()

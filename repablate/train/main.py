@@ -32,7 +32,7 @@ import repablate
 from repablate.paths import conf_dir
 from repablate.results import COMPLETED, DIVERGED, FAILED, INTERRUPTED, RESULTS_FILE, flatten, write_json
 from repablate.train.console import quiet_console, quiet_wandb, run_summary
-from repablate.train.distributed import ddp_processes, launched_rank
+from repablate.train.distributed import DDPProcessFailed, ddp_processes, launched_rank
 from repablate.train.failures import RunInterrupted, as_interruption, dataloader_worker_error, interrupt_on_signals
 from repablate.train.validation import ConfigError, check_run_dir_is_new, validate
 from repablate.train.variants import check_variant, choice_fields
@@ -103,16 +103,17 @@ def _metrics(trainer) -> dict[str, Any]:
     return {name: value.item() if hasattr(value, "item") else value for name, value in trainer.callback_metrics.items()}
 
 
-def _collect(trainer, module, callbacks) -> dict[str, Any]:
+def _collect(trainer, callbacks) -> dict[str, Any]:
     """What the fit reached, and the ``run_results()`` of every callback that reports some (docs/ARCHITECTURE.md)."""
     record: dict[str, Any] = {}
     for callback in callbacks:
         if hasattr(callback, "run_results"):
             record.update(callback.run_results())
+    # The strategy's device, not the module's: Lightning's teardown has moved the module to the CPU by now.
     record.update(
         epochs=trainer.current_epoch,
         global_step=trainer.global_step,
-        device=_device_name(module.device),
+        device=_device_name(trainer.strategy.root_device),
         processes=trainer.world_size,
     )
     return record
@@ -180,7 +181,7 @@ def assemble(cfg: DictConfig, config: dict[str, Any] | None = None) -> Assembly:
         )
     if trainer.world_size > 1 and not isinstance(datamodule, InMemoryDataModule):
         raise ConfigError(
-            f"trainer.strategy={cfg.trainer.get('strategy')!r} with {trainer.world_size} processes is not allowed "
+            f"DDP with {trainer.world_size} processes is not allowed "
             f"with {type(datamodule).__name__}: DDP here splits each global batch of the in-memory datasets "
             "(digits, shapes, cifar, imagefolder); detection data is not split among processes"
         )
@@ -225,6 +226,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if choices:
         record.update(choice_fields(choices))
     parts: Assembly | None = None
+    ddp = None
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         record.update(flatten(config))
@@ -232,16 +234,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         import torch
 
         record["torch_version"] = torch.__version__
-        with ddp_processes(cfg.trainer, run_dir, overrides):  # starts the other DDP processes when it must
+        with ddp_processes(cfg.trainer, run_dir, overrides) as ddp:  # the other DDP processes, when it must
             parts = assemble(cfg, config)
             # weights_only: a checkpoint to resume from is loaded as tensors and plain data, never as code to run.
             parts.trainer.fit(parts.module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
             record.update(_metrics(parts.trainer))  # the last logged train/val metrics; test() replaces them
-            record.update(_collect(parts.trainer, parts.module, parts.callbacks))
+            record.update(_collect(parts.trainer, parts.callbacks))
             parts.trainer.test(parts.module, datamodule=parts.datamodule, verbose=False)
             record.update(_metrics(parts.trainer))
             record["status"] = COMPLETED
-    except BaseException as error:
+    except BaseException as caught:
+        # A SIGTERM from the DDP process watcher: what failed is the started process.
+        error = ddp.failure if ddp is not None and ddp.failure is not None else caught
         interruption = as_interruption(error)
         if isinstance(error, TrainingDiverged):
             record.update(status=DIVERGED, diverged_at_step=error.step)
@@ -262,13 +266,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             traceback_log.error("the traceback:", exc_info=error)
         if interruption is not None and interruption is not error and not isinstance(error, KeyboardInterrupt):
             raise interruption from error  # Lightning's SIGTERMException is a SystemExit with status 0
+        if ddp is not None and error is ddp.failure:
+            raise error from None
         raise
     finally:
         if parts is not None and record["status"] != COMPLETED:  # how far it got
             record.update(
                 epochs=parts.trainer.current_epoch,
                 global_step=parts.trainer.global_step,
-                device=_device_name(parts.module.device),
+                device=_device_name(parts.trainer.strategy.root_device),
             )
         finished = time.time()
         record.update(
@@ -300,7 +306,9 @@ def run_job(cfg: DictConfig) -> float | None:
         # A sweeper that optimizes (Optuna, +sweep=tune) reads the run's `objective` metric from the return value.
         return run(cfg, Path(HydraConfig.get().runtime.output_dir)).get(cfg.get("objective"))
     except Exception as error:
-        expected = isinstance(error, (ConfigError, FileNotFoundError, DatasetCheckError, TrainingDiverged))
+        expected = isinstance(
+            error, (ConfigError, FileNotFoundError, DatasetCheckError, TrainingDiverged, DDPProcessFailed)
+        )
         if HydraConfig.get().mode != RunMode.RUN or not (expected or dataloader_worker_error(error)):
             raise
         raise SystemExit(1) from None  # run() has logged the message (and a worker's traceback into main.log)
