@@ -251,10 +251,10 @@ def test_the_started_process_ends_when_the_first_process_is_killed(tmp_path):
 @pytest.mark.slow
 def test_a_started_process_that_fails_fails_the_run_naming_it(tmp_path):
     run_dir = tmp_path / "run"
-    failing = [f"+callbacks.fail._target_={__name__}.FailInStartedProcess", "trainer.strategy.timeout.minutes=0.5"]
+    failing = [f"+callbacks.fail._target_={__name__}.FailInStartedProcess", "trainer.strategy.timeout.minutes=0.25"]
     done = _repablate(tmp_path, *COMMON, *DDP, "trainer.max_epochs=1", *failing, f"hydra.run.dir={run_dir}")
     record = _results(run_dir)
-    # The first process waits at the rendezvous until the strategy's timeout (30 s here), then records the cause.
+    # The first process waits at the rendezvous until the strategy's timeout (15 s here), then records the cause.
     assert done.returncode == 1 and record["status"] == "failed"
     assert record["error"] == "DDPProcessFailed: DDP process 1 exited with status 1 (its output: ddp_rank_1.out)"
     assert "failing on purpose in the started process" in (run_dir / "ddp_rank_1.out").read_text()

@@ -90,8 +90,13 @@ def test_deploy_check_fails_loudly_on_a_wrong_fusion(tmp_path):
     check = DeployCheck(tmp_path / "deploy.pt")
     with pytest.raises(DeployMismatchError, match="max_rel_error"):
         check.on_fit_end(
-            SimpleNamespace(datamodule=datamodule, global_step=1, is_global_zero=True),
-            SimpleNamespace(model=model, device="cpu"),
+            SimpleNamespace(
+                datamodule=datamodule,
+                global_step=1,
+                is_global_zero=True,
+                strategy=SimpleNamespace(root_device=torch.device("cpu")),
+            ),
+            SimpleNamespace(model=model, device="cpu", to=lambda device: None, cpu=lambda: None),
         )
     assert not (tmp_path / "deploy.pt").exists()
 
