@@ -105,10 +105,13 @@ def test_augmentation_draws_the_same_crops_whatever_the_device_of_the_images():
     images = torch.randint(0, 255, (6, 3, 8, 8), dtype=torch.uint8)
     transform = Standardize(torch.full((3,), 0.5), torch.full((3,), 0.25), augment=True, pad=2)
     on_cpu = TensorBatches(images, torch.zeros(6), transform, seed=3)[torch.arange(6)][0]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    moved = TensorBatches(images, torch.zeros(6), transform, seed=3).to(device)[torch.arange(6)][0]
-    assert moved.device.type == device
-    torch.testing.assert_close(moved.cpu(), on_cpu)
+    # On the meta device nothing is computed, but every tensor the transform mixes must be on the images' device:
+    # a crop index or a statistic left on the CPU raises here, without a GPU.
+    on_meta = TensorBatches(images, torch.zeros(6), transform, seed=3).to("meta")[torch.arange(6)][0]
+    assert on_meta.device.type == "meta" and on_meta.shape == on_cpu.shape
+    if torch.cuda.is_available():  # and on a GPU the same crops, drawn from the same CPU generator
+        moved = TensorBatches(images, torch.zeros(6), transform, seed=3).to("cuda")[torch.arange(6)][0]
+        torch.testing.assert_close(moved.cpu(), on_cpu)
 
 
 def test_sync_batchnorm_on_the_cpu_is_refused_with_what_to_set(compose_config):
