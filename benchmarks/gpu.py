@@ -15,8 +15,7 @@ Without CUDA (and without --device cpu) it prints one line and exits 0. Parts, t
     machine lacks it. With --device cpu the CPU provider runs instead, and is labelled as such.
 (b) Training throughput (images/s) of the default job (digits) and of data=shapes, through the main job's own
     assembly (benchmarks/bare_loop.py's compose_run and EpochThroughput; repablate.train.main.assemble, then
-    trainer.fit), in fp32, bf16-mixed, channels_last and compile. A mode whose config key is missing from
-    conf/config.yaml is skipped with that reason.
+    trainer.fit), in fp32, bf16-mixed, channels_last and compile.
 (c) GPU memory: torch.cuda.max_memory_allocated, its peak reset before every measurement. For latency it is the
     forward's activations and workspace above the resident weights and input; for training, the whole fit's peak.
 
@@ -107,11 +106,11 @@ WORKLOADS = {  # name -> Hydra overrides of the main job
     "shapes": ("data=shapes",),
 }
 QUICK_DATA = {"shapes": ("data.train_size=256", "data.val_size=64", "data.test_size=64")}
-MODES = {  # name -> (overrides, the top-level config key the mode needs, or None)
-    "fp32": ((), None),
-    "bf16-mixed": (("trainer.precision=bf16-mixed",), None),
-    "channels_last": (("channels_last=true",), "channels_last"),
-    "compile": (("compile=true",), "compile"),
+MODES = {  # name -> the overrides of the mode
+    "fp32": (),
+    "bf16-mixed": ("trainer.precision=bf16-mixed",),
+    "channels_last": ("channels_last=true",),
+    "compile": ("compile=true",),
 }
 
 
@@ -426,16 +425,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def missing_keys(tmp: Path) -> dict[str, str]:
-    """The modes whose top-level config key conf/config.yaml does not have (yet), with the reason."""
-    cfg = compose_run([], tmp / "probe")
-    return {
-        mode: f"conf/config.yaml has no top-level `{key}` key (yet)"
-        for mode, (_, key) in MODES.items()
-        if key is not None and key not in cfg
-    }
-
-
 def train_once(workload: str, mode: str, sizes: dict, args, device: torch.device, run_dir: Path, cache: dict) -> dict:
     """One fit of the main job's assembly; images/s per epoch (as results.json's train/images_per_s), peak memory.
 
@@ -446,7 +435,7 @@ def train_once(workload: str, mode: str, sizes: dict, args, device: torch.device
     overrides += [*QUICK_DATA.get(workload, ())] if args.quick else []
     overrides += ["trainer.accelerator=gpu" if device.type == "cuda" else "trainer.accelerator=cpu"]
     # Validation is excluded from images/s; skipping it also spares compile a second graph. No wandb: CSV only.
-    overrides += ["trainer.limit_val_batches=0", "~logger.wandb", *MODES[mode][0]]
+    overrides += ["trainer.limit_val_batches=0", "~logger.wandb", *MODES[mode]]
     cfg = compose_run(overrides, run_dir)
     parts = assemble(cfg)
     if workload in cache and hasattr(parts.datamodule, "splits"):
@@ -465,7 +454,7 @@ def train_once(workload: str, mode: str, sizes: dict, args, device: torch.device
     return {
         "workload": workload,
         "mode": mode,
-        "overrides": " ".join(MODES[mode][0]) or "(none)",
+        "overrides": " ".join(MODES[mode]) or "(none)",
         "epochs": wall,
         "peak": peak,
         "fit_s": fit_s,
@@ -476,8 +465,8 @@ def training_rows(sizes: dict, args, device: torch.device, notes: list[str]) -> 
     rows, cache = [], {}
     with tempfile.TemporaryDirectory(prefix="repablate-gpu-") as folder:
         tmp = Path(folder)
-        skipped = missing_keys(tmp)
-        if args.quick and device.type == "cpu" and "compile" not in skipped:
+        skipped = {}
+        if args.quick and device.type == "cpu":
             skipped["compile"] = "not attempted with --quick on a CPU (inductor's C++ build takes minutes)"
         for workload in WORKLOADS:
             for mode in MODES:

@@ -16,11 +16,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from repablate.train.main import conf_dir, register_resolvers
+from repablate.train.main import conf_dir
+from tests.test_sweeps import compose_with_hydra
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = conf_dir()
@@ -51,14 +51,6 @@ def needs_plugin(module: str | None) -> None:
 def no_hydra_state_leaks():
     yield
     HydraConfig.instance().cfg = None
-
-
-def compose_with_hydra(*overrides: str):
-    register_resolvers()  # ${repablate.unique:} in the sweep directory
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve, as in a real job
-    return cfg
 
 
 # --- composing -----------------------------------------------------------------------------------------------------
