@@ -35,15 +35,16 @@ CHILD_WAIT_S = 120  # how long the first process waits for the others to exit af
 
 
 def launched_rank(environ: dict[str, str] | None = None) -> int:
-    """This process's global rank when it was started as one process of a DDP job (by ``ddp_processes``, torchrun
-    or SLURM with several tasks); 0 otherwise."""
+    """0 for the process of a run that writes, above 0 for its other DDP processes: torchrun's ``RANK``, SLURM's
+    ``SLURM_PROCID`` (several tasks), else ``LOCAL_RANK`` (set by ``ddp_processes``) on node 0 and at least 1 on
+    any other node."""
     env = os.environ if environ is None else environ
     if "RANK" in env:  # torchrun
         return int(env["RANK"])
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return int(env["SLURM_PROCID"])
     local, node = int(env.get("LOCAL_RANK", "0")), int(env.get("NODE_RANK", "0"))
-    return local + node * int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    return local if node == 0 else node + local
 
 
 def started_externally(environ: dict[str, str] | None = None) -> bool:
